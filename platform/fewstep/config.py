@@ -1,0 +1,209 @@
+"""The run configuration: one typed tree assembled from each component's own config.
+
+Load order: preset YAML -> optional user YAML (deep-merged) -> `--set dotted.key=value` overrides. Validation
+errors name the dotted field that is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fewstep.data.config import DataConfig
+from fewstep.ict import ICTConfig
+from fewstep.networks import NetworkConfig
+
+
+class OptimConfig(BaseModel):
+    """Optimizer and run length. iCT: RAdam, lr 1e-4, batch 1024, 400k iterations."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["radam", "adam", "adamw"] = "radam"
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    grad_clip: float = Field(0.0, ge=0, description="Global grad-norm clip; 0 = off.")
+    batch_size: int = Field(1024, ge=1, description="Global batch (all workers, all accumulation steps).")
+    total_steps: int = Field(400_000, ge=1, description="Optimizer steps of the whole run.")
+
+
+class EMAConfig(BaseModel):
+    """Evaluation EMA of the student weights; never the teacher [iCT]."""
+
+    model_config = ConfigDict(extra="forbid")
+    decay: float = Field(
+        0.99993, ge=0, lt=1, description="Per-step decay; half-life = ln(0.5)/ln(decay) steps (iCT CIFAR-10)."
+    )
+
+
+class EngineConfig(BaseModel):
+    """How the single-device model is distributed: Ray Train workers running DeepSpeed."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; CPU uses gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves in Ray.")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int | None = Field(
+        None, ge=1, description="Per-worker micro-batch; None = global batch / workers (no accumulation)."
+    )
+    checkpoint_every: int = Field(1000, ge=1, description="Save and report a checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint.")
+    storage_path: str = Field("~/fewstep_runs", description="Ray Train storage (local path or URI).")
+    log_every: int = Field(10, ge=1, description="Rank 0 logs metrics every N steps.")
+
+    def grad_accum(self, global_batch: int) -> int:
+        micro = self.micro_batch or global_batch // self.num_workers
+        if micro * self.num_workers == 0 or global_batch % (micro * self.num_workers):
+            raise ValueError(
+                f"optim.batch_size={global_batch} is not divisible by engine.micro_batch={micro} x "
+                f"engine.num_workers={self.num_workers}"
+            )
+        return global_batch // (micro * self.num_workers)
+
+
+class TrackingConfig(BaseModel):
+    """MLflow tracking and registry."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str = Field("fewstep", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None, description="Model Registry name; None = do not register."
+    )
+    alias: str = Field("latest", description="Alias set on the newly registered version.")
+
+
+class EvalConfig(BaseModel):
+    """In-training evaluation on rank 0 (sample grids)."""
+
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(1000, ge=1, description="Sample a grid from the EMA model every N steps (and at the end).")
+    grid_size: int = Field(8, ge=1, description="Grid is grid_size x grid_size images.")
+    steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sampling step counts shown.")
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; saved with every run and logged to MLflow."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("fewstep", description="Run name (Ray Train run directory and MLflow run name).")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    objective: ICTConfig = Field(default_factory=ICTConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.network.in_channels != self.data.channels:
+            raise ValueError(
+                f"network.in_channels={self.network.in_channels} != data.channels={self.data.channels}"
+            )
+        if self.network.image_size != self.data.image_size:
+            raise ValueError(
+                f"network.image_size={self.network.image_size} != data.image_size={self.data.image_size}"
+            )
+        if self.network.num_classes not in (0, self.data.num_classes):
+            raise ValueError(
+                f"network.num_classes={self.network.num_classes} must be 0 (unconditional) or "
+                f"data.num_classes={self.data.num_classes}"
+            )
+        self.engine.grad_accum(self.optim.batch_size)
+        return self
+
+    @property
+    def data_dim(self) -> int:
+        return self.data.channels * self.data.image_size**2
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; the message names the file or field."""
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` in place; the value is parsed as YAML (numbers, lists, booleans, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else "")
+            for err in e.errors()
+        ]
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    preset_file: str | Path | None = None, config_file: str | Path | None = None, overrides: list[str] = ()
+) -> TrainConfig:
+    tree: dict[str, Any] = read_yaml(preset_file) if preset_file else {}
+    if config_file:
+        tree = deep_merge(tree, read_yaml(config_file))
+    for o in overrides:
+        apply_override(tree, o)
+    srcs = [str(s) for s in (preset_file, config_file) if s] + [f"--set {o}" for o in overrides]
+    return build_config(tree, source=" + ".join(srcs) or "config")
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
