@@ -63,7 +63,8 @@ class EDMPrecond(nn.Module):
     ) -> torch.Tensor:
         sigma = sigma.to(torch.float32).reshape(-1)  # (B,)
         s = sigma.reshape(-1, 1, 1, 1)  # (B, 1, 1, 1) for broadcasting over (B, C, H, W)
-        F = self.net((c_in(s, self.cfg) * x).to(x.dtype), c_noise(sigma), class_labels)
+        dtype = next(self.net.parameters()).dtype  # bf16/fp16 under mixed precision; fp32 otherwise
+        F = self.net((c_in(s, self.cfg) * x).to(dtype), c_noise(sigma).to(dtype), class_labels)
         return c_skip(s, self.cfg) * x + c_out(s, self.cfg) * F.to(torch.float32)
 
 

@@ -25,6 +25,7 @@ class NetworkConfig(BaseModel):
     num_classes: int = Field(0, ge=0, description="Class-conditional when > 0 (learned class embedding).")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every channel count.")
     attention_head_dim: int = Field(32, ge=1, description="Channels per attention head.")
+    mid_attention: bool = Field(True, description="Self-attention in the bottleneck block.")
     noise_embedding_scale: float = Field(
         1000.0, gt=0, description="c_noise is multiplied by this before the sinusoidal embedding [CM code]."
     )
@@ -39,6 +40,13 @@ class NetworkConfig(BaseModel):
         bad = [c for c in self.channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"network.norm_groups={self.norm_groups} does not divide network.channels {bad}")
+        attn = [c for c, a in zip(self.channels, self.attention) if a]
+        attn += [self.channels[-1]] if self.mid_attention else []
+        if any(c % self.attention_head_dim for c in attn):
+            raise ValueError(
+                f"network.attention_head_dim={self.attention_head_dim} must divide the channels of every "
+                f"attention level {attn}"
+            )
         if self.image_size % 2 ** (len(self.channels) - 1):
             raise ValueError(
                 f"network.image_size={self.image_size} is not divisible by 2^(levels-1) for "
@@ -67,6 +75,7 @@ class UNet(nn.Module):
             norm_num_groups=cfg.norm_groups,
             attention_head_dim=cfg.attention_head_dim,
             num_class_embeds=cfg.num_classes or None,
+            add_attention=cfg.mid_attention,
         )
 
     def forward(

@@ -1,0 +1,18 @@
+"""Named presets: YAML files beside this module (outside the library, per STYLE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).parent
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"unknown preset {name!r}; available: {', '.join(available())}")
+    return path

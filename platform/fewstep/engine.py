@@ -1,0 +1,98 @@
+"""The driver side of a training run: cluster connection, Ray Train TorchTrainer, MLflow run, registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from fewstep.config import TrainConfig
+from fewstep.generator import Generator
+from fewstep.images import grid, save_png
+from fewstep.tracking import log_and_register, log_image_file, resolve_uri, run_url, start_or_resume_run
+from fewstep.worker import train_loop_per_worker
+
+log = logging.getLogger("fewstep")
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the running cluster (RAY_ADDRESS, a `ray job`, or `ray start` on this machine); else start a
+    local one with more logical CPUs than the workers reserve, so Ray Data keeps a budget (STACK.md)."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        log.info("connected to the running Ray cluster")
+    except ConnectionError:
+        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        ray.init(num_cpus=cpus, object_store_memory=1024**3, include_dashboard=False)
+        log.info("started a local Ray cluster (%d logical CPUs)", cpus)
+
+
+def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Result:
+    from fewstep.data.reader import build_dataset
+
+    e = cfg.engine
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri},
+        torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=os.path.expanduser(e.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=e.keep_checkpoints),
+        ),
+        datasets={"train": build_dataset(cfg.data, "train")},
+    )
+    return trainer.fit()
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_url: str
+    registered_model: str | None
+    version: str | None
+    samples_png: Path
+    steps: int
+    seconds: float
+
+
+def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path = "outputs") -> RunSummary:
+    """Train, track, export the EMA generator, register it, and write a sample grid."""
+    run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = resolve_uri(cfg.tracking.uri)
+    run_id = start_or_resume_run(cfg, run_name, uri)
+    connect_ray()
+    t0 = time.time()
+    result = fit(cfg, run_name, run_id, uri)
+    seconds = time.time() - t0
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    out = Path(output_dir) / run_name
+    with result.checkpoint.as_directory() as d:
+        generator = Generator.from_dir(Path(d) / "model")
+        name, version = log_and_register(run_id, Path(d) / "model", cfg, uri)
+    # 1-step and 2-step samples of the same classes, rows = steps
+    n = cfg.eval.grid_size
+    labels = generator.grid_labels(n)
+    rows = [generator.generate(n, num_steps=k, seed=0, labels=labels) for k in cfg.eval.steps]
+    import numpy as np
+
+    image = grid(np.concatenate(rows), n)
+    png = save_png(image, out / "samples.png")
+    log_image_file(run_id, image, "samples/final.png", uri)
+    return RunSummary(run_id, run_url(uri, run_id), name, version, png.resolve(), result.metrics["step"], seconds)

@@ -1,0 +1,99 @@
+"""MLflow: one run per training job, the resolved config as params and artifact, the model from code in
+the Model Registry with an alias."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from fewstep.config import TrainConfig, flatten, to_yaml
+
+RUN_NAME_TAG = "fewstep.run_name"
+SERVING_CODE = Path(__file__).with_name("serving.py")
+PACKAGE_DIR = Path(__file__).parent
+
+
+def resolve_uri(uri: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a sqlite file in the current directory (absolute, so
+    that Ray workers in other directories write to the same store)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def start_or_resume_run(cfg: TrainConfig, run_name: str, uri: str) -> str:
+    """The MLflow run of this training run: found by its run-name tag when resuming, else created."""
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(cfg.tracking.experiment)
+    client = MlflowClient(uri)
+    found = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    params = {k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_params(dict(items[i : i + 100]))
+    client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")
+    return run.info.run_id
+
+
+def run_url(uri: str, run_id: str) -> str:
+    run = MlflowClient(uri).get_run(run_id)
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{uri} (experiment {run.info.experiment_id}, run {run_id})"
+
+
+def signature(cfg: TrainConfig) -> ModelSignature:
+    c, s = cfg.data.channels, cfg.data.image_size
+    column = "class_label" if cfg.network.num_classes else "index"
+    return ModelSignature(
+        inputs=Schema([ColSpec("long", column)]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
+        params=ParamSchema([ParamSpec("num_steps", "long", 1), ParamSpec("seed", "long", 0)]),
+    )
+
+
+def requirements() -> list[str]:
+    # Pinned explicitly: inference records `torch==X` without the local `+cpu`, which pulls a CUDA build.
+    pkgs = ["torch", "diffusers", "safetensors", "pydantic", "pyyaml", "numpy", "pandas", "pillow", "mlflow"]
+    return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
+
+
+def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -> tuple[str | None, str | None]:
+    """Log the EMA generator as a pyfunc model from code; register it and point the alias at it."""
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.registered_model
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"model": str(model_dir)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(cfg),
+            pip_requirements=requirements(),
+            registered_model_name=name,
+        )
+    if not name:
+        return None, None
+    version_ = str(info.registered_model_version)
+    MlflowClient(uri).set_registered_model_alias(name, cfg.tracking.alias, version_)
+    return name, version_
+
+
+def log_image_file(run_id: str, image: np.ndarray, artifact_path: str, uri: str) -> None:
+    from fewstep.images import save_png
+
+    with tempfile.TemporaryDirectory() as d:
+        p = save_png(image, Path(d) / Path(artifact_path).name)
+        MlflowClient(uri).log_artifact(run_id, str(p), str(Path(artifact_path).parent))

@@ -1,0 +1,139 @@
+"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, data shard, EMA,
+metrics (rank 0), sample grids (rank 0), checkpoints (every rank)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from fewstep.config import TrainConfig
+from fewstep.distributed import build_optimizer, deepspeed_config, gathered, warmup_schedule
+from fewstep.generator import Generator
+from fewstep.images import grid
+from fewstep.objectives import build_model, build_objective
+
+STATE = "trainer_state.json"
+TAG = "ds"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.engine.threads_per_worker)
+    device = ray.train.torch.get_device() if cfg.engine.use_gpu else torch.device("cpu")
+
+    # 1. identical initial weights on every rank, then rank-specific noise streams
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=warmup_schedule(optimizer, cfg.optim.warmup_steps),
+        config=deepspeed_config(cfg, world),
+    )
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    objective = build_objective(cfg)
+    ema = AveragedModel(build_model(cfg), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay)) if rank == 0 else None
+    micro = engine.train_micro_batch_size_per_gpu()
+    accum = engine.gradient_accumulation_steps()
+
+    # 2. resume: DeepSpeed state (weights, optimizer, scheduler), EMA, step counter, RNG of this rank
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=TAG)
+            step = json.loads((Path(d) / STATE).read_text())["step"]
+            torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
+            if ema is not None:
+                ema.module.load_state_dict(load_file(str(Path(d) / "model" / "weights.safetensors")))
+                ema.n_averaged.fill_(max(step, 1))
+
+    mlflow = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
+    run_id = loop_config["run_id"]
+    shard = ray.train.get_dataset_shard("train")
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+    conditional = cfg.network.num_classes > 0
+
+    def checkpoint(metrics: dict[str, float]) -> None:
+        # Every rank saves its ZeRO partition and reports; rank 0 adds the EMA export and run state.
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=TAG)
+            torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            if ema is not None:
+                Generator(ema.module, cfg).save(Path(d) / "model")
+                (Path(d) / STATE).write_text(json.dumps({"step": step, **metrics}))
+            ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def log_samples() -> None:
+        gen = Generator(ema.module, cfg)
+        n = cfg.eval.grid_size**2
+        for k in cfg.eval.steps:
+            imgs = gen.generate(n, num_steps=k, seed=0, labels=gen.grid_labels(n))
+            mlflow.log_image(run_id, grid(imgs, cfg.eval.grid_size), key=f"samples_{k}step", step=step)
+        gen.model.train()  # Generator switched the EMA module to eval mode
+
+    def batches():
+        for epoch in itertools.count():
+            seed = cfg.data.shuffle_seed + epoch * 7919 + rank if cfg.data.shuffle_buffer else None
+            for b in shard.iter_torch_batches(
+                batch_size=micro,
+                drop_last=True,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=seed,
+            ):
+                yield epoch, b
+
+    stream = batches()
+    while step < cfg.optim.total_steps:
+        # 3. one micro-batch; DeepSpeed applies the optimizer at every `accum`-th (its global_steps is the truth)
+        t = time.perf_counter()
+        epoch, batch = next(stream)
+        window["wait"] += time.perf_counter() - t
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device) if conditional else None
+        loss, info = objective.loss(engine, x, y, step)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        window["loss"] += loss.item() / accum
+        if not boundary:
+            continue
+        step = engine.global_steps
+        window["n"] += 1
+        # 4. EMA of the student for evaluation only (gathered under ZeRO-3)
+        with gathered(engine.module, cfg.engine.zero_stage):
+            if ema is not None:
+                ema.update_parameters(engine.module)
+        last = step == cfg.optim.total_steps
+        if rank == 0 and (step % cfg.engine.log_every == 0 or last):
+            elapsed = time.perf_counter() - window["t0"]
+            metrics = {
+                "loss": window["loss"] / window["n"],
+                "n_levels": info["n_levels"],
+                "lr": engine.get_lr()[0],
+                "images_per_s": window["n"] * micro * accum * world / elapsed,
+                "data_wait_frac": window["wait"] / elapsed,
+                "epoch": float(epoch),
+            }
+            ts = int(time.time() * 1000)
+            mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+            window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
+        if rank == 0 and (step % cfg.eval.every == 0 or last):
+            log_samples()
+        if step % cfg.engine.checkpoint_every == 0 or last:
+            checkpoint({"loss": float(loss.item()), "n_levels": info["n_levels"]})
