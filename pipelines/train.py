@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
@@ -11,6 +12,7 @@ from pipelines.presets import available, preset_path
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread races os.environ readers
     p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
     p.add_argument("--preset", default="fashion-ict", help=f"one of: {', '.join(available())}")
     p.add_argument("--config", help="YAML file merged over the preset")

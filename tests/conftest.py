@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Stable DeepSpeed op cache across tests and runs (its first JIT build takes ~50 s).
+# MLflow 3's telemetry thread rewrites os.environ while requests iterates it (KeyError races); no network here.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "fewstep-torch-extensions"))
 
 
@@ -31,8 +33,13 @@ def ray_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)]),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+    }
     ray.init(
+        address="local",  # always a fresh cluster of the test's own, even if `make up` runs one
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         include_dashboard=False,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fewstep.data.config import DataConfig
 from fewstep.ict import ICTConfig
@@ -81,7 +81,18 @@ class TrackingConfig(BaseModel):
     registered_model: str | None = Field(
         None, description="Model Registry name; None = do not register."
     )
-    alias: str = Field("latest", description="Alias set on the newly registered version.")
+    alias: str = Field(
+        "champion",
+        description="Alias set on the newly registered version. MLflow reserves `latest`: the newest "
+        "version is always `models:/NAME/latest` without an alias.",
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v.lower().startswith("v") and v[1:].isdigit()):
+            raise ValueError(f"MLflow reserves the alias {v!r}; use models:/NAME/latest for the newest version")
+        return v
 
 
 class EvalConfig(BaseModel):

@@ -83,6 +83,11 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
             signature=signature(cfg),
             pip_requirements=requirements(),
             registered_model_name=name,
+            metadata={
+                "objective": cfg.objective.name,
+                "num_classes": cfg.network.num_classes,
+                "max_steps": 1 + len(cfg.objective.sigma_mid),
+            },
         )
     if not name:
         return None, None

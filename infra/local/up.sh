@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Start the local stack: a Ray head with token auth and its dashboard/job server on 127.0.0.1, and an
+# MLflow tracking server + registry (sqlite) on 127.0.0.1:5000. Idempotent; `down.sh` stops both.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+STATE=${FEWSTEP_STATE:-$ROOT/.infra}
+BIN=${FEWSTEP_BIN:-$ROOT/.venv/bin}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+RAY_NUM_CPUS=${RAY_NUM_CPUS:-$(( $(nproc) * 2 ))}   # > CPUs the workers reserve: Ray Data keeps a budget
+mkdir -p "$STATE"
+export RAY_AUTH_MODE=token
+export MLFLOW_DISABLE_TELEMETRY=true
+export PATH="$BIN:$PATH"   # `ray job submit -- python ...` runs the venv's python
+
+if "$BIN/ray" status >/dev/null 2>&1; then
+  echo "ray: already running"
+else
+  "$BIN/ray" get-auth-token --generate >/dev/null
+  "$BIN/ray" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
+    --num-cpus "$RAY_NUM_CPUS" --object-store-memory $((1024 * 1024 * 1024)) \
+    --disable-usage-stats >"$STATE/ray-start.log" 2>&1 || { cat "$STATE/ray-start.log"; exit 1; }
+  echo "ray: head started (dashboard http://127.0.0.1:8265, token auth on)"
+fi
+
+if curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null; then
+  echo "mlflow: already running on http://127.0.0.1:$MLFLOW_PORT"
+else
+  nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 \
+    --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
+    >"$STATE/mlflow.log" 2>&1 &
+  echo $! >"$STATE/mlflow.pid"
+  for _ in $(seq 120); do
+    curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null && break
+    sleep 0.5
+  done
+  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null || { tail -20 "$STATE/mlflow.log"; exit 1; }
+  echo "mlflow: server started on http://127.0.0.1:$MLFLOW_PORT (store $STATE)"
+fi
