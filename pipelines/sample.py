@@ -7,8 +7,8 @@ step count. Class-conditional models cycle through the classes unless --class-la
 from __future__ import annotations
 
 import argparse
-import os
 import math
+import os
 import sys
 
 import numpy as np
@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import mlflow
-
     from fewstep.images import grid, save_png
 
     if args.tracking_uri:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 
 from fewstep.config import ConfigError, load_config, to_yaml
+
 from pipelines.presets import available, preset_path
 
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     s = train(cfg, run_name=args.run_name, output_dir=args.output_dir)
     print(f"MLflow run:        {s.run_url}")
     if s.registered_model:
-        print(f"Registered model:  {s.registered_model} version {s.version} (models:/{s.registered_model}@{cfg.tracking.alias})")
+        uri = f"models:/{s.registered_model}@{cfg.tracking.alias}"
+        print(f"Registered model:  {s.registered_model} version {s.version} ({uri})")
     print(f"Samples (rows = {', '.join(map(str, cfg.eval.steps))} steps): {s.samples_png}")
     print(f"Trained {s.steps} steps in {s.seconds:.0f} s")
     return 0

@@ -73,7 +73,8 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                log = (root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {log}") from None
             time.sleep(0.5)
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri

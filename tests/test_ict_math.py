@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from fewstep.distances import default_huber_c, l2, pseudo_huber
 from fewstep.edm import EDMConfig, EDMPrecond, c_in, c_out, c_skip, karras_sigmas
 from fewstep.ict import ICTConfig, ICTObjective, curriculum_n, level_probabilities, sample
@@ -109,7 +108,9 @@ def test_ict_loss_is_positive_and_differentiable_for_a_real_model():
     from fewstep.networks import NetworkConfig, UNet
 
     torch.manual_seed(0)
-    net = EDMPrecond(UNet(NetworkConfig(image_size=8, channels=[8, 8], attention=[False, False], attention_head_dim=8)), EDM)
+    net = EDMPrecond(UNet(NetworkConfig(
+        image_size=8, channels=[8, 8], attention=[False, False], attention_head_dim=8
+    )), EDM)
     obj = ICTObjective(ICTConfig(), data_dim=64, total_steps=1000)
     loss, _ = obj.loss(net, torch.rand(4, 1, 8, 8) * 2 - 1, None, step=0)
     loss.backward()

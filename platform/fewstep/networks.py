@@ -40,7 +40,7 @@ class NetworkConfig(BaseModel):
         bad = [c for c in self.channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"network.norm_groups={self.norm_groups} does not divide network.channels {bad}")
-        attn = [c for c, a in zip(self.channels, self.attention) if a]
+        attn = [c for c, a in zip(self.channels, self.attention, strict=True) if a]
         attn += [self.channels[-1]] if self.mid_attention else []
         if any(c % self.attention_head_dim for c in attn):
             raise ValueError(
