@@ -8,6 +8,7 @@ DATA := $(CURDIR)/data/fashion-mnist
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fewstep-torch-extensions
 export RAY_AUTH_MODE := token
 export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install fashion-mnist data demo up down test lint clean

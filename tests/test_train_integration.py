@@ -88,14 +88,16 @@ def test_train_track_register_and_load_in_fresh_process(ray_cluster, mlflow_serv
 
 def test_resume_continues_from_checkpoint(ray_cluster, mlflow_server, shards, tmp_path):
     storage = tmp_path / "runs"
-    first = train(tiny_config(shards, mlflow_server, storage, **{"optim.total_steps": 10}), run_name="it-resume")
+    short = tiny_config(shards, mlflow_server, storage, **{"optim.total_steps": 10})
+    first = train(short, run_name="it-resume", output_dir=tmp_path / "out")
     assert first.steps == 10
-    second = train(tiny_config(shards, mlflow_server, storage), run_name="it-resume")
+    second = train(tiny_config(shards, mlflow_server, storage), run_name="it-resume", output_dir=tmp_path / "out")
     assert second.run_id == first.run_id  # same MLflow run continues
     assert second.steps == 20
     history = MlflowClient(mlflow_server).get_metric_history(first.run_id, "loss")
     steps = sorted(m.step for m in history)
     assert steps == list(range(1, 21))  # no step repeated: the second job started at step 11
-    levels = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(first.run_id, "n_levels")}
+    history = MlflowClient(mlflow_server).get_metric_history(first.run_id, "n_levels")
+    levels = {m.step: m.value for m in history}
     # curriculum_steps=20, s0=10, s1=160 -> K' = 4: N doubles every 4 steps, continuing across the restart
     assert levels[11] == 41.0 and levels[20] == 161.0

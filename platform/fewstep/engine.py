@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -39,6 +40,8 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Res
     from fewstep.data.reader import build_dataset
 
     e = cfg.engine
+    # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

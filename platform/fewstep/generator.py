@@ -68,7 +68,7 @@ class Generator:
         if self.conditional:
             if labels is None:
                 raise ValueError("this model is class-conditional: give class_label for every image")
-            labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            labels = np.array(labels, dtype=np.int64).reshape(-1)  # a writable copy for torch
             if labels.shape[0] != n:
                 raise ValueError(f"got {labels.shape[0]} class labels for {n} images")
             self.check_labels(labels)

@@ -132,6 +132,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             }
             ts = int(time.time() * 1000)
             mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+            print(
+                f"step {step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} N {int(info['n_levels'])} "
+                f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%",
+                flush=True,
+            )
             window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
         if rank == 0 and (step % cfg.eval.every == 0 or last):
             log_samples()
