@@ -1,0 +1,93 @@
+"""FID of a registered model across sampling step counts, recorded on the model version and its run."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from fewstep.data.shards import iter_samples, resolve_shards
+from fewstep.fid import InceptionFeatures, frechet_distance, reference_stats, stats
+
+
+@dataclass
+class Evaluation:
+    fid: dict[int, float]  # steps -> FID
+    n: int
+    n_ref: int
+    name: str | None
+    version: str | None
+    run_id: str | None
+
+
+def model_version(uri: str) -> tuple[str, str] | None:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, version); other URIs -> None."""
+    client = MlflowClient()
+    if m := re.fullmatch(r"models:/([^/@]+)@(.+)", uri):
+        return m[1], client.get_model_version_by_alias(m[1], m[2]).version
+    if m := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+        return m[1], m[2]
+    return None
+
+
+def test_reference(shards: str, n_ref: int, features: InceptionFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the first n_ref held-out images, cached next to the shards."""
+    paths = resolve_shards(shards)
+    cache = Path(paths[0]).parent / f"fid_stats_{n_ref}.npz"
+    images = np.stack([s["image"] for s in itertools.islice(iter_samples(paths, require_cls=False), n_ref)])
+    if len(images) < n_ref:
+        raise ValueError(f"{shards} holds {len(images)} images, fewer than --n-ref {n_ref}")
+    return reference_stats(images, cache, features)
+
+
+def evaluate(
+    uri: str, steps: list[int], n: int, reference_shards: str, n_ref: int, seed: int = 0, log: bool = True
+) -> Evaluation:
+    features = InceptionFeatures()
+    mu_ref, sigma_ref = test_reference(reference_shards, n_ref, features)
+    model = mlflow.pyfunc.load_model(uri)
+    meta = model.metadata.metadata or {}
+    k = int(meta.get("num_classes", 0))
+    column = "class_label" if k else "index"
+    frame = pd.DataFrame({column: (np.arange(n) % k if k else np.arange(n)).astype(np.int64)})
+    fid = {}
+    for s in steps:
+        images = model.predict(frame, params={"num_steps": s, "seed": seed})
+        fid[s] = frechet_distance(*stats(features(images)), mu_ref, sigma_ref)
+    found = model_version(uri)
+    name, version = found if found else (None, None)
+    run_id = MlflowClient().get_model_version(name, version).run_id if found else None
+    if log and run_id:
+        record(fid, n, n_ref, name, version, run_id)
+    return Evaluation(fid, n, n_ref, name, version, run_id)
+
+
+def record(fid: dict[int, float], n: int, n_ref: int, name: str, version: str, run_id: str) -> None:
+    """fid_steps_<k> as metrics of the version's run and as version tags, plus a FID-vs-steps plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient()
+    for s, v in fid.items():
+        client.log_metric(run_id, f"fid_steps_{s}", v)
+        client.set_model_version_tag(name, version, f"fid_steps_{s}", f"{v:.3f}")
+    client.set_model_version_tag(name, version, "fid_samples", f"{n} generated vs {n_ref} held-out")
+    fig, ax = plt.subplots(figsize=(4, 3))
+    xs = sorted(fid)
+    ax.plot(xs, [fid[s] for s in xs], marker="o")
+    ax.set(xscale="log", xlabel="sampling steps", ylabel="FID", title=f"{name} v{version} (n={n})")
+    ax.set_xticks(xs, [str(s) for s in xs])
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as d:
+        fig.savefig(Path(d) / "fid_vs_steps.png", dpi=100)
+        client.log_artifact(run_id, str(Path(d) / "fid_vs_steps.png"), "evaluation")
+    plt.close(fig)
