@@ -43,6 +43,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }
 
 
+def ema_update(decay: float):
+    """AveragedModel's multi_avg_fn: an fp32 EMA that also follows bf16/fp16 engine weights (torch's
+    get_ema_multi_avg_fn requires equal dtypes)."""
+
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(ema, [p.to(e.dtype) for e, p in zip(ema, current, strict=True)], 1.0 - decay)
+
+    return update
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
     """Full parameters inside the block on every rank (ZeRO-3 partitions them); a collective call."""

@@ -16,10 +16,10 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from fewstep.config import TrainConfig
-from fewstep.distributed import build_optimizer, deepspeed_config, gathered, warmup_schedule
+from fewstep.distributed import build_optimizer, deepspeed_config, ema_update, gathered, warmup_schedule
 from fewstep.generator import Generator
 from fewstep.images import grid
 from fewstep.objectives import build_model, build_objective
@@ -47,7 +47,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     torch.manual_seed(cfg.seed * 1000 + rank)
     objective = build_objective(cfg)
-    ema = AveragedModel(build_model(cfg), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay)) if rank == 0 else None
+    ema = AveragedModel(build_model(cfg), multi_avg_fn=ema_update(cfg.ema.decay)) if rank == 0 else None
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
 
