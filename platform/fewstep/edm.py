@@ -6,8 +6,6 @@ f(x, sigma_min) = x through the sigma_min offset in c_skip and c_out [CM eq. 5, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -67,8 +65,3 @@ class EDMPrecond(nn.Module):
         F = self.net((c_in(s, self.cfg) * x).to(dtype), c_noise(sigma).to(dtype), class_labels)
         return c_skip(s, self.cfg) * x + c_out(s, self.cfg) * F.to(torch.float32)
 
-
-def sigma_to_unit(sigma: float, cfg: EDMConfig) -> float:
-    """Position of sigma on the rho-warped [0, 1] axis (for logging only)."""
-    lo, hi = cfg.sigma_min ** (1 / cfg.rho), cfg.sigma_max ** (1 / cfg.rho)
-    return (sigma ** (1 / cfg.rho) - lo) / (hi - lo) if not math.isnan(sigma) else float("nan")

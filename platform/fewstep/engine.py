@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -93,8 +94,6 @@ def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path 
     n = cfg.eval.grid_size
     labels = generator.grid_labels(n)
     rows = [generator.generate(n, num_steps=k, seed=0, labels=labels) for k in cfg.eval.steps]
-    import numpy as np
-
     image = grid(np.concatenate(rows), n)
     png = save_png(image, out / "samples.png")
     log_image_file(run_id, image, "samples/final.png", uri)
