@@ -1,0 +1,69 @@
+"""The diffusion objective: the S -> infinity end of multistep consistency models (ALGORITHMS.md sections 2-3).
+
+Same VP parameterization (x-prediction through a v-head, vp.VPPrecond), same weighting w(t) = SNR(t) + 1 and the
+same distance registry as multistep.py. With one teacher step per segment (T = S) the MCM-CT target
+invDDIM_{t->s}(DDIM_{t->s}(x, z_t), z_t) is exactly x, so this is [MCM Alg. 1] with continuous t [MCM eq. 9].
+A diffusion model sampled in k steps is [MCM Alg. 2] with S = k: the sampler is multistep.sample.
+This is the teacher that multistep CD distills.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fewstep.distances import default_huber_c, get_distance
+from fewstep.multistep import XPredictor, sample_times
+from fewstep.vp import VPConfig, alpha_sigma, snr
+
+
+class DiffusionConfig(BaseModel):
+    """Diffusion objective and sampler settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["diffusion"] = "diffusion"
+    vp: VPConfig = Field(default_factory=VPConfig)
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    huber_c: float | None = Field(
+        1e-4, ge=0, description="Pseudo-Huber c, as in MultistepConfig; None = iCT's 0.00054 sqrt(D)."
+    )
+    sampler: Literal["ddim", "addim"] = Field(
+        "ddim", description="DDIM [MCM eq. 4] or aDDIM with the analytic x_var [MCM Alg. 3], any step count."
+    )
+
+
+class DiffusionObjective:
+    """L = E_t[w(t) d(f(z_t, t), x)], t ~ U(t_min, t_max), w = SNR + 1."""
+
+    def __init__(self, cfg: DiffusionConfig, data_dim: int, total_steps: int | None = None):
+        self.cfg = cfg
+        self.distance = get_distance(cfg.distance)
+        self.c = cfg.huber_c if cfg.huber_c is not None else default_huber_c(data_dim)
+
+    def loss(
+        self,
+        model: XPredictor,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        step: int,
+        teacher: XPredictor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        vp = self.cfg.vp
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(dtype)  # (B, C, H, W)
+        # 1. t ~ U(t_min, t_max), continuous [MCM eq. 9: S -> infinity]
+        t = vp.t_min + (vp.t_max - vp.t_min) * torch.rand(x.shape[0], device=x.device, dtype=dtype)  # (B,)
+        # 2. z_t = alpha_t x + sigma_t eps [MCM sec. 2]
+        alpha_t, sigma_t = alpha_sigma(t, vp)
+        z_t = alpha_t.view(-1, 1, 1, 1) * x + sigma_t.view(-1, 1, 1, 1) * torch.randn_like(x)
+        # 3. x_hat = f(z_t, t)
+        x_hat = model(z_t, t, labels).to(dtype)
+        # 4. L = w(t) d(x_hat, x), w = SNR(t) + 1 (with the squared L2 this is the v-prediction MSE)
+        w = snr(t, vp) + 1.0  # (B,)
+        return (w * self.distance(x_hat, x, self.c)).mean(), {}
+
+    def sample_times(self, num_steps: int) -> list[float]:
+        """t = 1, (k-1)/k, ..., 1/k: a diffusion model samples in any number of steps k >= 1."""
+        return sample_times(num_steps)
