@@ -130,3 +130,26 @@ def test_zero3_bf16_trains_and_exports_a_plain_model(ray_cluster, mlflow_server,
     assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in gen.model.parameters())
     images = gen.generate(4, num_steps=1, labels=[0, 1, 2, 3])
     assert images.shape == (4, 32, 32, 1) and images.dtype.name == "uint8"
+
+
+def test_multistep_ct_through_the_same_pipeline(ray_cluster, mlflow_server, shards, tmp_path):
+    """objective.name selects multistep consistency training; engine, tracking and registry are unchanged."""
+    cfg = tiny_config(
+        shards,
+        mlflow_server,
+        tmp_path / "runs",
+        **{
+            "objective": {"name": "multistep_ct", "student_steps": 2},
+            "optim.total_steps": 4,
+            "engine.checkpoint_every": 4,
+            "eval.every": 4,
+            "eval.steps": [2],
+            "tracking.registered_model": "it-fashion-mct",
+        },
+    )
+    s = train(cfg, run_name="it-mct", output_dir=tmp_path / "out")
+    assert s.steps == 4
+    client = MlflowClient(mlflow_server)
+    assert {m.step for m in client.get_metric_history(s.run_id, "n_teacher")} == {1, 2, 3, 4}
+    mv = client.get_model_version_by_alias("it-fashion-mct", "champion")
+    assert mv.run_id == s.run_id

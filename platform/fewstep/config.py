@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fewstep.data.config import DataConfig
+from fewstep.diffusion import DiffusionConfig
 from fewstep.ict import ICTConfig
+from fewstep.multistep import MultistepConfig
 from fewstep.networks import NetworkConfig
 
 
@@ -112,7 +114,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
-    objective: ICTConfig = Field(default_factory=ICTConfig)
+    objective: Annotated[ICTConfig | MultistepConfig | DiffusionConfig, Field(discriminator="name")] = Field(
+        default_factory=ICTConfig, description="ict | multistep_ct | multistep_cd | diffusion"
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -135,6 +139,8 @@ class TrainConfig(BaseModel):
                 f"data.num_classes={self.data.num_classes}"
             )
         self.engine.grad_accum(self.optim.batch_size)
+        if self.objective.name == "multistep_cd":
+            raise ValueError("objective.name=multistep_cd needs a teacher, which the engine does not load yet")
         return self
 
     @property

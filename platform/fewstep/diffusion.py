@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.multistep import XPredictor, sample_times
+from fewstep.multistep import XPredictor, sample, sample_times
 from fewstep.vp import VPConfig, alpha_sigma, snr
 
 
@@ -67,3 +67,14 @@ class DiffusionObjective:
     def sample_times(self, num_steps: int) -> list[float]:
         """t = 1, (k-1)/k, ..., 1/k: a diffusion model samples in any number of steps k >= 1."""
         return sample_times(num_steps)
+
+    @property
+    def steps_available(self) -> str:
+        return "any"
+
+    def sample(
+        self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        self.sample_times(num_steps)
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=self.cfg.sampler)

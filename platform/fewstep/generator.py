@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fewstep.config import TrainConfig, build_config, to_yaml
-from fewstep.ict import sample
 from fewstep.images import to_uint8
 from fewstep.objectives import build_model, build_objective
 
@@ -64,7 +63,6 @@ class Generator:
         """n images as (n, H, W, C) uint8. Class-conditional models need `labels` (n,) ints."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        sigmas = self.objective.sample_sigmas(num_steps)
         if self.conditional:
             if labels is None:
                 raise ValueError("this model is class-conditional: give class_label for every image")
@@ -80,7 +78,7 @@ class Generator:
             m = min(batch, n - start)
             noise = torch.randn((m, c, s, s), generator=gen, device=device)
             y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
-            x = sample(self.model, noise, sigmas, y, self.cfg.objective.edm.sigma_min, generator=gen)
+            x = self.objective.sample(self.model, noise, num_steps, y, generator=gen)
             out.append(to_uint8(x))
         return np.concatenate(out)
 

@@ -112,6 +112,16 @@ class ICTObjective:
             )
         return chain[:num_steps]
 
+    @property
+    def steps_available(self) -> str:
+        return f"1-{1 + len(self.cfg.sigma_mid)}"
+
+    def sample(
+        self, model: Denoiser, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return sample(model, noise, self.sample_sigmas(num_steps), labels, self.cfg.edm.sigma_min, generator)
+
 
 @torch.no_grad()
 def sample(

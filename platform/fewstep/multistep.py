@@ -169,6 +169,17 @@ class MultistepObjective:
             )
         return sample_times(num_steps)
 
+    @property
+    def steps_available(self) -> str:
+        return str(self.cfg.student_steps)
+
+    def sample(
+        self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        self.sample_times(num_steps)  # refuses a step count this model was not trained for
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=self.cfg.sampler)
+
 
 def sample_times(num_steps: int) -> list[float]:
     """t = 1, (S-1)/S, ..., 1/S [MCM Alg. 2]."""

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from fewstep.config import TrainConfig, flatten, to_yaml
+from fewstep.objectives import build_objective
 
 RUN_NAME_TAG = "fewstep.run_name"
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -86,7 +87,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
             metadata={
                 "objective": cfg.objective.name,
                 "num_classes": cfg.network.num_classes,
-                "max_steps": 1 + len(cfg.objective.sigma_mid),
+                "sampling_steps": build_objective(cfg).steps_available,
             },
         )
     if not name:

@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window["t0"]
             metrics = {
                 "loss": window["loss"] / window["n"],
-                "n_levels": info["n_levels"],
+                **info,
                 "lr": engine.get_lr()[0],
                 "images_per_s": window["n"] * micro * accum * world / elapsed,
                 "data_wait_frac": window["wait"] / elapsed,
@@ -133,12 +133,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ts = int(time.time() * 1000)
             mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
             print(
-                f"step {step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} N {int(info['n_levels'])} "
-                f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%",
+                f"step {step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
+                + "".join(f"{k} {v:g} " for k, v in info.items())
+                + f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%",
                 flush=True,
             )
             window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
         if rank == 0 and (step % cfg.eval.every == 0 or last):
             log_samples()
         if step % cfg.engine.checkpoint_every == 0 or last:
-            checkpoint({"loss": float(loss.item()), "n_levels": info["n_levels"]})
+            checkpoint({"loss": float(loss.item()), **info})
