@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import mlflow
+
     from fewstep.images import grid, save_png
 
     if args.tracking_uri:

@@ -8,7 +8,6 @@ import os
 import sys
 
 from fewstep.config import ConfigError, load_config, to_yaml
-
 from pipelines.presets import available, preset_path
 
 

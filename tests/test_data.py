@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fewstep.data import DataConfig
 from fewstep.data.reader import build_dataset, to_training_batch
 from fewstep.data.shards import ShardError, iter_samples, resolve_shards, write_shards
 from fewstep.data.sources import FASHION_MNIST_CLASSES, fashion_mnist
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 N = 64

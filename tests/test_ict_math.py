@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fewstep.distances import default_huber_c, l2, pseudo_huber
 from fewstep.edm import EDMConfig, EDMPrecond, c_in, c_out, c_skip, karras_sigmas
 from fewstep.ict import ICTConfig, ICTObjective, curriculum_n, level_probabilities, sample

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fewstep.diffusion import DiffusionConfig, DiffusionObjective
 from fewstep.multistep import (
     MultistepConfig,

@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from mlflow.tracking import MlflowClient
+
 from fewstep.config import load_config
 from fewstep.data.shards import write_shards
 from fewstep.data.sources import fashion_mnist
 from fewstep.engine import train
-from mlflow.tracking import MlflowClient
-
 from pipelines.presets import preset_path
 
 pytestmark = pytest.mark.integration
