@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fewstep import fid
 
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -170,3 +171,14 @@ def test_reference_stats_are_cached(tmp_path):
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert sigma.shape == (3, 3)
+
+
+def test_reference_images_are_padded_like_the_training_data():
+    from fewstep.evaluation import pad_to
+
+    img = np.full((2, 28, 28, 1), 200, np.uint8)
+    out = pad_to(img, 32)
+    assert out.shape == (2, 32, 32, 1)
+    assert out[:, :2].max() == 0 and out[:, 30:].max() == 0 and out[:, 2:30, 2:30].min() == 200
+    with pytest.raises(ValueError, match="larger than"):
+        pad_to(np.zeros((1, 40, 40, 1), np.uint8), 32)

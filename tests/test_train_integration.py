@@ -85,6 +85,17 @@ def test_train_track_register_and_load_in_fresh_process(ray_cluster, mlflow_serv
     assert "(3, 32, 32, 1) uint8" in out.stdout
     assert "REFUSED True" in out.stdout
 
+    # FID by step count lands on the model version (tags) and its run (metrics + plot)
+    from fewstep.evaluation import evaluate
+
+    ev = evaluate("models:/it-fashion-ict@champion", [1, 2], n=10, reference_shards=str(shards), n_ref=10)
+    assert set(ev.fid) == {1, 2} and all(math.isfinite(v) and v > 0 for v in ev.fid.values())
+    assert client.get_metric_history(s.run_id, "fid_steps_2")[0].value == pytest.approx(ev.fid[2])
+    tags = client.get_model_version("it-fashion-ict", mv.version).tags
+    assert float(tags["fid_steps_1"]) == pytest.approx(ev.fid[1], abs=1e-3)
+    assert "fid_vs_steps.png" in {f.path.split("/")[-1] for f in client.list_artifacts(s.run_id, "evaluation")}
+    assert (shards / "fid_stats_10_32px.npz").is_file()  # reference statistics cached next to the shards
+
 
 def test_resume_continues_from_checkpoint(ray_cluster, mlflow_server, shards, tmp_path):
     storage = tmp_path / "runs"

@@ -37,22 +37,37 @@ def model_version(uri: str) -> tuple[str, str] | None:
     return None
 
 
-def test_reference(shards: str, n_ref: int, features: InceptionFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics of the first n_ref held-out images, cached next to the shards."""
+def pad_to(images: np.ndarray, size: int) -> np.ndarray:
+    """Centre-pad (N, h, w, C) uint8 with black to (N, size, size, C): the same padding the training data got
+    (data.image_size), so that generated and held-out images live in one domain."""
+    n, h, w, c = images.shape
+    if h > size or w > size:
+        raise ValueError(f"held-out images are {h}x{w}, larger than the model's {size}x{size}")
+    top, left = (size - h) // 2, (size - w) // 2
+    return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+
+
+def test_reference(
+    shards: str, n_ref: int, size: int, features: InceptionFeatures
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the first n_ref held-out images padded to `size`, cached next to the shards."""
     paths = resolve_shards(shards)
-    cache = Path(paths[0]).parent / f"fid_stats_{n_ref}.npz"
+    cache = Path(paths[0]).parent / f"fid_stats_{n_ref}_{size}px.npz"
+    if cache.is_file():
+        return reference_stats(np.empty((0, size, size, 1), np.uint8), cache, features)
     images = np.stack([s["image"] for s in itertools.islice(iter_samples(paths, require_cls=False), n_ref)])
     if len(images) < n_ref:
         raise ValueError(f"{shards} holds {len(images)} images, fewer than --n-ref {n_ref}")
-    return reference_stats(images, cache, features)
+    return reference_stats(pad_to(images, size), cache, features)
 
 
 def evaluate(
     uri: str, steps: list[int], n: int, reference_shards: str, n_ref: int, seed: int = 0, log: bool = True
 ) -> Evaluation:
     features = InceptionFeatures()
-    mu_ref, sigma_ref = test_reference(reference_shards, n_ref, features)
     model = mlflow.pyfunc.load_model(uri)
+    size = model.metadata.get_output_schema().inputs[0].shape[1]  # (-1, H, W, C)
+    mu_ref, sigma_ref = test_reference(reference_shards, n_ref, size, features)
     meta = model.metadata.metadata or {}
     k = int(meta.get("num_classes", 0))
     column = "class_label" if k else "index"
