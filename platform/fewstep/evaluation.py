@@ -47,18 +47,22 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
     return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
 
 
-def test_reference(
+def heldout_reference(
     shards: str, n_ref: int, size: int, features: InceptionFeatures
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics of the first n_ref held-out images padded to `size`, cached next to the shards."""
+    """Inception statistics of the first n_ref held-out images padded to `size`, cached next to the shards;
+    the shards are read only when the cache is missing (reference_stats consumes the generator lazily)."""
     paths = resolve_shards(shards)
     cache = Path(paths[0]).parent / f"fid_stats_{n_ref}_{size}px.npz"
-    if cache.is_file():
-        return reference_stats(np.empty((0, size, size, 1), np.uint8), cache, features)
-    images = np.stack([s["image"] for s in itertools.islice(iter_samples(paths, require_cls=False), n_ref)])
-    if len(images) < n_ref:
-        raise ValueError(f"{shards} holds {len(images)} images, fewer than --n-ref {n_ref}")
-    return reference_stats(pad_to(images, size), cache, features)
+
+    def batches():
+        samples = itertools.islice(iter_samples(paths, require_cls=False), n_ref)
+        images = np.stack([s["image"] for s in samples])
+        if len(images) < n_ref:
+            raise ValueError(f"{shards} holds {len(images)} images, fewer than --n-ref {n_ref}")
+        yield pad_to(images, size)
+
+    return reference_stats(batches(), cache, features)
 
 
 def evaluate(
@@ -67,7 +71,7 @@ def evaluate(
     features = InceptionFeatures()
     model = mlflow.pyfunc.load_model(uri)
     size = model.metadata.get_output_schema().inputs[0].shape[1]  # (-1, H, W, C)
-    mu_ref, sigma_ref = test_reference(reference_shards, n_ref, size, features)
+    mu_ref, sigma_ref = heldout_reference(reference_shards, n_ref, size, features)
     meta = model.metadata.metadata or {}
     k = int(meta.get("num_classes", 0))
     column = "class_label" if k else "index"
