@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m pipelines.bench NAME ...`): each prints ratios measured in one run; none is a test."""
