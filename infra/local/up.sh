@@ -25,7 +25,8 @@ fi
 if curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null; then
   echo "mlflow: already running on http://127.0.0.1:$MLFLOW_PORT"
 else
-  nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 \
+  # MLflow 3's job runner (~7 polling huey consumers, ~0.4 core here) is not used by fewstep: off
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 \
     --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
     >"$STATE/mlflow.log" 2>&1 &
   echo $! >"$STATE/mlflow.pid"
