@@ -78,7 +78,7 @@ def parse() -> argparse.Namespace:
     a("--beta2", type=float, default=0.999)
     a("--warmup", type=int, default=50)
     a("--batch", type=int, default=64)
-    a("--ema", type=float, default=0.99, help="EMA decay per step (eval only).")
+    a("--ema", type=float, nargs="+", default=[0.99], help="EMA decays per step (eval only); several = sweep.")
     # objective
     a("--s0", type=int, default=10)
     a("--s1", type=int, default=160)
@@ -114,7 +114,7 @@ def main() -> None:
                             batch_size=args.batch)
     opt = build_optimizer(model.parameters(), optim_cfg)
     sched = warmup_schedule(opt, args.warmup)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
+    emas = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in args.ema}
     ict_cfg = ICTConfig(edm=edm_cfg, s0=args.s0, s1=args.s1, p_mean=args.p_mean, p_std=args.p_std,
                         huber_c=args.huber_c, sigma_mid=args.sigma_mid[:1] or [0.821])
     print(f"params {count_parameters(model) / 1e6:.3f}M  network {net_cfg.model_dump()}", flush=True)
@@ -133,7 +133,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        ema.update_parameters(model)
+        for ema in emas.values():
+            ema.update_parameters(model)
         step += 1
         losses.append(loss.item())
         t_train = time.perf_counter() - t0
@@ -150,22 +151,23 @@ def main() -> None:
     img_s = step * args.batch / t_train
     print(f"trained {step} steps in {t_train:.0f}s = {img_s:.1f} img/s; final N {objective.n_levels(step - 1)}")
 
-    # 4. EMA samples: N images with uniform labels, fixed noise; 1 step and 2 steps per sigma_mid
-    gen_model = ema.module.eval()
+    # 4. EMA samples: N images with uniform labels, fixed noise; 1 step per EMA decay, 2 steps per sigma_mid
     g = torch.Generator().manual_seed(1234)
     labels = torch.arange(args.fid_n) % 10
     noise = torch.randn(args.fid_n, 1, 32, 32, generator=g)
 
-    def generate(sigmas: list[float]) -> np.ndarray:
+    def generate(gen_model: torch.nn.Module, sigmas: list[float]) -> np.ndarray:
         out = [sample(gen_model, noise[i : i + 250], sigmas, labels[i : i + 250], edm_cfg.sigma_min, g)
                for i in range(0, args.fid_n, 250)]
         return to_uint8(torch.cat(out))  # (N, 32, 32, 1)
 
     # 5. save what the (slow) FID needs first: the EMA weights, all samples and the grid, then one FID at a time
     #    with result.json rewritten after each, so a run killed during the Inception pass keeps its evidence.
-    torch.save(gen_model.state_dict(), args.out / "ema.pt")
-    chains = [("1step", [args.sigma_max])] + [(f"2step_mid{m}", [args.sigma_max, m]) for m in args.sigma_mid]
-    samples = {name: generate(sigmas) for name, sigmas in chains}
+    first = emas[args.ema[0]].module.eval()
+    torch.save(first.state_dict(), args.out / "ema.pt")
+    samples = {"1step": generate(first, [args.sigma_max])}
+    samples |= {f"2step_mid{m}": generate(first, [args.sigma_max, m]) for m in args.sigma_mid}
+    samples |= {f"1step_ema{d}": generate(emas[d].module.eval(), [args.sigma_max]) for d in args.ema[1:]}
     np.savez_compressed(args.out / "samples.npz", **samples)
     shown = []
     for imgs in list(samples.values())[:2]:
