@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -25,27 +26,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole session. 4 logical CPUs on a 2-core box: 2 training workers
-    reserve 1 each and Ray Data keeps a budget (STACK.md: otherwise the read task waits forever)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {
+def worker_env() -> dict[str, str]:
+    """What Ray workers need to import this checkout's fewstep (and not an installed copy)."""
+    return {
         "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)]),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
     }
+
+
+def start_local_ray() -> None:
+    """A fresh local cluster of the test's own, even if `make up` runs one. 4 logical CPUs on a 2-core box:
+    2 training workers reserve 1 each and Ray Data keeps a budget (STACK.md: otherwise the read task waits
+    forever)."""
+    import ray
+
     ray.init(
-        address="local",  # always a fresh cluster of the test's own, even if `make up` runs one
+        address="local",
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         include_dashboard=False,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": worker_env()},
         log_to_driver=True,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (modules with clusters of their own restart it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray()
     yield ray
     ray.shutdown()
 
@@ -87,3 +100,14 @@ def mlflow_server(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """256 Fashion-MNIST test images as 4 real tar shards of 64."""
+    from fewstep.data.shards import write_shards
+    from fewstep.data.sources import fashion_mnist
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(itertools.islice(fashion_mnist("test"), 256), out / "train", samples_per_shard=64)
+    return out / "train"

@@ -3,7 +3,6 @@ on disk. Tiny net, ~20 steps."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -13,22 +12,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fewstep.config import load_config
-from fewstep.data.shards import write_shards
-from fewstep.data.sources import fashion_mnist
 from fewstep.engine import train
 from pipelines.presets import preset_path
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(itertools.islice(fashion_mnist("test"), 256), out / "train", samples_per_shard=64)
-    return out / "train"
-
-
 def tiny_config(shards, uri, storage, **overrides):
+    """The fashion-ict preset shrunk to a ~20-step CPU run (shared by the engine tests)."""
     sets = {
         "data.shards": str(shards),
         "data.test_shards": None,

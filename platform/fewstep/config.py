@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fewstep.data.config import DataConfig
 from fewstep.diffusion import DiffusionConfig
+from fewstep.faults import DebugConfig
 from fewstep.ict import ICTConfig
 from fewstep.multistep import MultistepConfig
 from fewstep.networks import NetworkConfig
@@ -43,6 +44,18 @@ class EMAConfig(BaseModel):
     )
 
 
+class FP16Config(BaseModel):
+    """DeepSpeed fp16 loss scaling (used when engine.precision=fp16): the loss is multiplied by a scale before
+    backward so small gradients survive fp16; overflowing steps are skipped and the scale lowered."""
+
+    model_config = ConfigDict(extra="forbid")
+    loss_scale: float = Field(0.0, ge=0, description="Static loss scale; 0 = dynamic loss scaling.")
+    initial_scale_power: int = Field(16, ge=0, le=32, description="Dynamic scaling starts at 2^this.")
+    loss_scale_window: int = Field(1000, ge=1, description="Overflow-free steps before the scale is raised.")
+    hysteresis: int = Field(2, ge=1, description="Overflows tolerated before the scale is lowered.")
+    min_loss_scale: float = Field(1.0, gt=0, description="The dynamic scale never drops below this.")
+
+
 class EngineConfig(BaseModel):
     """How the single-device model is distributed: Ray Train workers running DeepSpeed."""
 
@@ -52,7 +65,20 @@ class EngineConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves in Ray.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 runs on CPU and GPU; fp16 (with loss scaling, engine.fp16) needs GPUs."
+    )
+    fp16: FP16Config = Field(default_factory=FP16Config)
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: optimizer states and the optimizer step live on CPU (zero_stage >= 1)."
+    )
+    offload_params: bool = Field(False, description="ZeRO-Infinity: parameters live on CPU (zero_stage = 3).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute UNet block activations in backward: less memory, ~30% more compute."
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="Non-finite losses are skipped; this many in a row stop the run (divergence)."
+    )
     micro_batch: int | None = Field(
         None, ge=1, description="Per-worker micro-batch; None = global batch / workers (no accumulation)."
     )
@@ -61,6 +87,20 @@ class EngineConfig(BaseModel):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint.")
     storage_path: str = Field("~/fewstep_runs", description="Ray Train storage (local path or URI).")
     log_every: int = Field(10, ge=1, description="Rank 0 logs metrics every N steps.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="TEST-ONLY fault injection.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage = 3 (parameters are partitioned)")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "engine.precision=fp16 needs engine.use_gpu=true: DeepSpeed's CPU accelerator has no fp16 "
+                "support; use engine.precision=bf16 on CPU"
+            )
+        return self
 
     def grad_accum(self, global_batch: int) -> int:
         micro = self.micro_batch or global_batch // self.num_workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +13,24 @@ import numpy as np
 import ray
 import ray.data
 import ray.train
+from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors.torch import save_file
 
 from fewstep.config import TrainConfig
-from fewstep.generator import Generator
+from fewstep.distributed import consolidated_state_dict
+from fewstep.faults import DivergenceError
+from fewstep.generator import STUDENT_WEIGHTS, Generator
 from fewstep.images import grid, save_png
-from fewstep.tracking import log_and_register, log_image_file, resolve_uri, run_url, start_or_resume_run
-from fewstep.worker import train_loop_per_worker
+from fewstep.tracking import (
+    diverged,
+    log_and_register,
+    log_image_file,
+    resolve_uri,
+    run_url,
+    start_or_resume_run,
+)
+from fewstep.worker import TAG, train_loop_per_worker
 
 log = logging.getLogger("fewstep")
 
@@ -62,6 +74,15 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Res
     return trainer.fit()
 
 
+def export_model(checkpoint_dir: Path, out: Path) -> Path:
+    """The registry's model directory from a final checkpoint: rank 0's EMA export (weights.safetensors,
+    config.yaml) plus the student consolidated from every rank's ZeRO partitions into one fp32 state_dict
+    (student.safetensors). Neither needs DeepSpeed to load."""
+    shutil.copytree(checkpoint_dir / "model", out, dirs_exist_ok=True)
+    save_file(consolidated_state_dict(checkpoint_dir, TAG), str(out / STUDENT_WEIGHTS))
+    return out
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -78,18 +99,29 @@ def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path 
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(cfg.tracking.uri)
     run_id = start_or_resume_run(cfg, run_name, uri)
+    client = MlflowClient(uri)
+    diverged(client, run_id, clear=True)  # a resumed attempt starts clean
     connect_ray()
     t0 = time.time()
     result = fit(cfg, run_name, run_id, uri)
     seconds = time.time() - t0
     if result.error:
         raise result.error
+    message = diverged(client, run_id)
+    if message:
+        client.set_terminated(run_id, "FAILED")
+        where = result.checkpoint.path if result.checkpoint else "none (diverged before the first checkpoint)"
+        raise DivergenceError(
+            f"run {run_name}: {message}: {where}. Fix the cause (lr, data, precision) and re-run with the same "
+            "run name to resume from that checkpoint."
+        )
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     out = Path(output_dir) / run_name
     with result.checkpoint.as_directory() as d:
-        generator = Generator.from_dir(Path(d) / "model")
-        name, version = log_and_register(run_id, Path(d) / "model", cfg, uri)
+        model_dir = export_model(Path(d), out / "model")
+    generator = Generator.from_dir(model_dir)
+    name, version = log_and_register(run_id, model_dir, cfg, uri)
     # 1-step and 2-step samples of the same classes, rows = steps
     n = cfg.eval.grid_size
     labels = generator.grid_labels(n)

@@ -14,7 +14,8 @@ from fewstep.config import TrainConfig, build_config, to_yaml
 from fewstep.images import to_uint8
 from fewstep.objectives import build_model, build_objective
 
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights.safetensors"  # the EMA weights: what sampling and the registry serve
+STUDENT_WEIGHTS = "student.safetensors"  # the trained (non-EMA) weights, consolidated to fp32 from ZeRO
 CONFIG = "config.yaml"
 
 
@@ -27,15 +28,15 @@ class Generator:
         self.objective = build_objective(cfg)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str = "cpu") -> Generator:
-        """Load `weights.safetensors` + `config.yaml`: no pickle, no DeepSpeed needed."""
+    def from_dir(cls, path: str | Path, device: str = "cpu", weights: str = WEIGHTS) -> Generator:
+        """Load `weights.safetensors` (or `weights=STUDENT_WEIGHTS`) + `config.yaml`: no pickle, no DeepSpeed."""
         path = Path(path)
-        for name in (WEIGHTS, CONFIG):
+        for name in (weights, CONFIG):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"model directory {path} has no {name}")
         cfg = build_config(yaml.safe_load((path / CONFIG).read_text()), source=str(path / CONFIG))
         model = build_model(cfg)
-        model.load_state_dict(load_file(str(path / WEIGHTS), device=device))
+        model.load_state_dict(load_file(str(path / weights), device=device))
         return cls(model.to(device), cfg)
 
     def save(self, path: str | Path) -> Path:

@@ -18,6 +18,7 @@ from fewstep.config import TrainConfig, flatten, to_yaml
 from fewstep.objectives import build_objective
 
 RUN_NAME_TAG = "fewstep.run_name"
+DIVERGED_TAG = "fewstep.diverged"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parent
 
@@ -46,6 +47,26 @@ def start_or_resume_run(cfg: TrainConfig, run_name: str, uri: str) -> str:
             mlflow.log_params(dict(items[i : i + 100]))
     client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")
     return run.info.run_id
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str = "loss") -> int:
+    """The largest step of metric `key` in the run's history (0 when none): where a restored worker resumes
+    logging, so that replayed steps are not logged twice."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+
+
+def mark_diverged(client: MlflowClient, run_id: str, message: str) -> None:
+    """Workers cannot raise (Ray Train would retry); they tag the run and return, the driver raises."""
+    client.set_tag(run_id, DIVERGED_TAG, message)
+
+
+def diverged(client: MlflowClient, run_id: str, clear: bool = False) -> str | None:
+    """The divergence message of the run's last attempt (None if it did not diverge); `clear` removes it
+    before a resumed attempt."""
+    message = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
+    if message is not None and clear:
+        client.delete_tag(run_id, DIVERGED_TAG)
+    return message
 
 
 def run_url(uri: str, run_id: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +20,19 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
 from fewstep.config import TrainConfig
-from fewstep.distributed import build_optimizer, deepspeed_config, ema_update, gathered, warmup_schedule
+from fewstep.distributed import (
+    build_optimizer,
+    deepspeed_config,
+    ema_update,
+    enable_activation_checkpointing,
+    gathered,
+    warmup_schedule,
+)
+from fewstep.faults import DebugHooks, DivergenceGuard
 from fewstep.generator import Generator
 from fewstep.images import grid
 from fewstep.objectives import build_model, build_objective
+from fewstep.tracking import last_logged_step, mark_diverged
 
 STATE = "trainer_state.json"
 TAG = "ds"
@@ -38,6 +48,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 1. identical initial weights on every rank, then rank-specific noise streams
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.engine.activation_checkpointing:
+        enable_activation_checkpointing(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -52,12 +64,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accum = engine.gradient_accumulation_steps()
 
     # 2. resume: DeepSpeed state (weights, optimizer, scheduler), EMA, step counter, RNG of this rank
-    step = 0
+    step, skipped = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
-            step = json.loads((Path(d) / STATE).read_text())["step"]
+            state = json.loads((Path(d) / STATE).read_text())
+            step, skipped = state["step"], int(state.get("skipped_steps", 0))
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
             if ema is not None:
                 ema.module.load_state_dict(load_file(str(Path(d) / "model" / "weights.safetensors")))
@@ -65,12 +78,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     mlflow = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
     run_id = loop_config["run_id"]
+    # A restore replays the steps after the checkpoint: log only steps the run's history lacks, so that
+    # every step appears once in MLflow (the replayed steps keep the values of their first attempt).
+    logged_through = last_logged_step(mlflow, run_id) if mlflow and ckpt else 0
+    if mlflow and ckpt:
+        mlflow.log_metric(run_id, "resumed_from_step", step, step=step)
+    saved = step  # the last checkpoint this run can fall back to
+    guard = DivergenceGuard(cfg.engine.max_bad_steps, world, skipped)
+    hooks = DebugHooks(cfg.engine.debug, rank, Path(os.path.expanduser(cfg.engine.storage_path)), run_id)
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     conditional = cfg.network.num_classes > 0
 
     def checkpoint(metrics: dict[str, float]) -> None:
         # Every rank saves its ZeRO partition and reports; rank 0 adds the EMA export and run state.
+        nonlocal saved
+        saved = step
+        metrics = {**metrics, "skipped_steps": float(guard.skipped)}
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
@@ -86,6 +110,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             imgs = gen.generate(n, num_steps=k, seed=0, labels=gen.grid_labels(n))
             mlflow.log_image(run_id, grid(imgs, cfg.eval.grid_size), key=f"samples_{k}step", step=step)
         gen.model.train()  # Generator switched the EMA module to eval mode
+
+    def log_metrics(epoch: int, info: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        metrics = {
+            "loss": window["loss"] / window["n"],
+            **info,
+            "lr": engine.get_lr()[0],
+            "images_per_s": window["n"] * micro * accum * world / elapsed,
+            "data_wait_frac": window["wait"] / elapsed,
+            "epoch": float(epoch),
+            "skipped_steps": float(guard.skipped),
+        }
+        ts = int(time.time() * 1000)
+        mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+        print(
+            f"step {step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
+            + "".join(f"{k} {v:g} " for k, v in info.items())
+            + f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%",
+            flush=True,
+        )
 
     def batches():
         for epoch in itertools.count():
@@ -107,6 +151,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device) if conditional else None
         loss, info = objective.loss(engine, x, y, step)
+        loss = hooks.corrupt(loss)
+        # 4. divergence guard: a NaN/inf loss on any rank skips this micro-batch on every rank
+        if guard.bad(loss):
+            if rank == 0:
+                print(f"step {step + 1}: non-finite loss, skipped ({guard.in_a_row} in a row)", flush=True)
+            if guard.diverged:  # stop without a checkpoint: the last good one stays the latest
+                if mlflow:
+                    mark_diverged(mlflow, run_id, guard.message(step + 1, saved))
+                return  # a normal return on every rank: Ray Train would retry a raised error
+            continue
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
@@ -115,31 +169,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         step = engine.global_steps
         window["n"] += 1
-        # 4. EMA of the student for evaluation only (gathered under ZeRO-3)
+        # 5. EMA of the student for evaluation only (gathered under ZeRO-3)
         with gathered(engine.module, cfg.engine.zero_stage):
             if ema is not None:
                 ema.update_parameters(engine.module)
         last = step == cfg.optim.total_steps
         if rank == 0 and (step % cfg.engine.log_every == 0 or last):
-            elapsed = time.perf_counter() - window["t0"]
-            metrics = {
-                "loss": window["loss"] / window["n"],
-                **info,
-                "lr": engine.get_lr()[0],
-                "images_per_s": window["n"] * micro * accum * world / elapsed,
-                "data_wait_frac": window["wait"] / elapsed,
-                "epoch": float(epoch),
-            }
-            ts = int(time.time() * 1000)
-            mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-            print(
-                f"step {step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
-                + "".join(f"{k} {v:g} " for k, v in info.items())
-                + f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%",
-                flush=True,
-            )
+            if step > logged_through:
+                log_metrics(epoch, info)
             window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
-        if rank == 0 and (step % cfg.eval.every == 0 or last):
+        if rank == 0 and step > logged_through and (step % cfg.eval.every == 0 or last):
             log_samples()
         if step % cfg.engine.checkpoint_every == 0 or last:
             checkpoint({"loss": float(loss.item()), **info})
+        hooks.after_step(step)
