@@ -38,8 +38,6 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
 
 def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Result:
-    from fewstep.data.reader import build_dataset
-
     e = cfg.engine
     # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -57,7 +55,7 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Res
             failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=e.keep_checkpoints),
         ),
-        datasets={"train": build_dataset(cfg.data, "train")},
+        # No `datasets=`: each rank streams its own shards of each epoch (fewstep.data.stream: shard-level resume).
     )
     return trainer.fit()
 

@@ -3,7 +3,6 @@ metrics (rank 0), sample grids (rank 0), checkpoints (every rank)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 import time
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
 from fewstep.config import TrainConfig
+from fewstep.data.stream import TrainStream
 from fewstep.distributed import build_optimizer, deepspeed_config, ema_update, gathered, warmup_schedule
 from fewstep.generator import Generator
 from fewstep.images import grid
@@ -52,12 +52,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accum = engine.gradient_accumulation_steps()
 
     # 2. resume: DeepSpeed state (weights, optimizer, scheduler), EMA, step counter, RNG of this rank
-    step = 0
+    step, data_state = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
-            step = json.loads((Path(d) / STATE).read_text())["step"]
+            state = json.loads((Path(d) / STATE).read_text())
+            step, data_state = state["step"], state.get("data")
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
             if ema is not None:
                 ema.module.load_state_dict(load_file(str(Path(d) / "model" / "weights.safetensors")))
@@ -65,18 +66,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     mlflow = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
     run_id = loop_config["run_id"]
-    shard = ray.train.get_dataset_shard("train")
+    # data: this rank's shards of each epoch, resumed at shard granularity (fewstep.data.stream)
+    data = TrainStream(cfg.data, rank, world, micro, resume=data_state)
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     conditional = cfg.network.num_classes > 0
 
     def checkpoint(metrics: dict[str, float]) -> None:
         # Every rank saves its ZeRO partition and reports; rank 0 adds the EMA export and run state.
+        position = data.state()  # every rank (it gathers the data position of all ranks)
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
             if ema is not None:
                 Generator(ema.module, cfg).save(Path(d) / "model")
-                (Path(d) / STATE).write_text(json.dumps({"step": step, **metrics}))
+                (Path(d) / STATE).write_text(json.dumps({"step": step, **metrics, "data": position}))
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log_samples() -> None:
@@ -87,18 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mlflow.log_image(run_id, grid(imgs, cfg.eval.grid_size), key=f"samples_{k}step", step=step)
         gen.model.train()  # Generator switched the EMA module to eval mode
 
-    def batches():
-        for epoch in itertools.count():
-            seed = cfg.data.shuffle_seed + epoch * 7919 + rank if cfg.data.shuffle_buffer else None
-            for b in shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=seed,
-            ):
-                yield epoch, b
-
-    stream = batches()
+    stream = iter(data)
     while step < cfg.optim.total_steps:
         # 3. one micro-batch; DeepSpeed applies the optimizer at every `accum`-th (its global_steps is the truth)
         t = time.perf_counter()
@@ -129,6 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "images_per_s": window["n"] * micro * accum * world / elapsed,
                 "data_wait_frac": window["wait"] / elapsed,
                 "epoch": float(epoch),
+                **data.metrics(),  # samples read / skipped by reason, all ranks, as of the last checkpoint
             }
             ts = int(time.time() * 1000)
             mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
