@@ -73,7 +73,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def checkpoint(metrics: dict[str, float]) -> None:
         # Every rank saves its ZeRO partition and reports; rank 0 adds the EMA export and run state.
-        position = data.state()  # every rank (it gathers the data position of all ranks)
+        position = data.state()  # every rank (it gathers the data position and skip counts of all ranks)
+        if mlflow is not None:  # samples read / skipped by reason, all ranks
+            ts = int(time.time() * 1000)
+            mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in data.metrics().items()])
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
@@ -121,7 +124,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "images_per_s": window["n"] * micro * accum * world / elapsed,
                 "data_wait_frac": window["wait"] / elapsed,
                 "epoch": float(epoch),
-                **data.metrics(),  # samples read / skipped by reason, all ranks, as of the last checkpoint
             }
             ts = int(time.time() * 1000)
             mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])

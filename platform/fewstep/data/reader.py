@@ -144,7 +144,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     shards = resolve_shards(spec)
     ds = shard_dataset(cfg, shards, expected=manifest_counts(shards))
-    return ds.filter(lambda row: row["report"] == "").select_columns(["image", "label"])
+    return ds.filter(expr="report == ''").select_columns(["image", "label"])
 
 
 __all__ = ["ShardSource", "build_dataset", "is_remote", "manifest_counts", "shard_dataset", "to_training_batch"]
