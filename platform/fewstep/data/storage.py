@@ -24,8 +24,8 @@ def is_remote(spec: str) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
-    # pyarrow reads credentials, region and AWS_ENDPOINT_URL from the environment here.
+def _filesystem(scheme_and_bucket: str, endpoint: str | None) -> pafs.FileSystem:
+    # pyarrow reads credentials, region and AWS_ENDPOINT_URL from the environment here (endpoint: cache key).
     return pafs.FileSystem.from_uri(scheme_and_bucket)[0]
 
 
@@ -34,7 +34,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split("://", 1)
-    return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), rest
+    return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}", os.environ.get("AWS_ENDPOINT_URL")), rest
 
 
 def open_input(uri: str) -> BinaryIO:
@@ -57,6 +57,9 @@ def _list_remote(scheme: str, pattern: str, spec: str) -> list[str]:
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.File:
             return [f"{scheme}{base}"] if base.endswith(".tar") and not magic else []
+        bucket = base.split("/", 1)[0]
+        if info.type == pafs.FileType.NotFound and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise OSError(f"bucket {scheme}{bucket} does not exist (or these credentials cannot see it)")
         found = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
     except OSError as e:  # unreachable endpoint, missing bucket, denied: pyarrow's message says which
         raise OSError(f"shard spec {spec!r}: cannot list {scheme}{base} ({e})") from e
