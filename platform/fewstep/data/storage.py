@@ -69,6 +69,11 @@ def _list_remote(scheme: str, pattern: str, spec: str) -> list[str]:
     return [f"{scheme}{n}" for n in names]
 
 
+def absolute_spec(spec: str) -> str:
+    """A local shard spec made absolute (workers do not run in the driver's directory); URIs unchanged."""
+    return spec if is_remote(spec) else os.path.abspath(os.path.expanduser(spec))
+
+
 def resolve_shards(spec: str) -> list[str]:
     """The .tar shards named by `spec`, in a stable order: a directory (its *.tar, sorted), a glob, a brace
     pattern (`dir/train-{000000..000005}.tar`: every expanded file must exist), one file, or the same as an
