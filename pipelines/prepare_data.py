@@ -1,64 +1,87 @@
-"""python -m pipelines.prepare_data --source fashion-mnist --out DIR [--samples-per-shard N] [--limit N]
+"""python -m pipelines.prepare_data --source SOURCE --out DIR [--samples-per-shard N] [--limit N] [--ray]
 
-Writes DIR/train/train-000000.tar ... and DIR/test/test-000000.tar ... (WebDataset shards + manifest.json)
-for `data.shards` / `data.test_shards`. A source is `NAME` or `NAME:ARG` (room for `imagefolder:PATH`,
-`parquet:PATH`): add a function to SOURCES.
+Writes WebDataset shards (sorted keys, .png/.cls/.txt) + manifest.json (counts, classes, image sizes, sha256
+per shard) for `data.shards` / `data.test_shards`:
+
+  fashion-mnist[:ROOT]      DIR/train, DIR/test  (idx files, default /usr/share/datasets/fashion-mnist)
+  digits                    DIR/train, DIR/test  (scikit-learn's 8x8 digits; tiny tests)
+  imagefolder:PATH          DIR/train            (ImageNet train layout; --image-size, --class-map)
+  parquet:PATH_OR_GLOB      DIR/train            (--image-column, --caption-column, --label-column)
+
+Existing WebDataset shards (e.g. imagenet-train-{000000..001281}.tar with .jpg + .cls) need no conversion:
+point data.shards at them and map member names with data.image_ext / data.label_ext (README "Data sources").
+--ray converts shards in parallel as Ray tasks (joins the running cluster or starts a local one).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from fewstep.data.shards import write_shards
-from fewstep.data.sources import fashion_mnist
+from fewstep.data.convert import convert
+from fewstep.data.sources import Source, digits_source, fashion_mnist_source, imagefolder_source, parquet_source
+
+SOURCE_NAMES = ("fashion-mnist", "digits", "imagefolder", "parquet")
 
 
-def _fashion_mnist(arg: str | None) -> dict[str, Callable[[], Iterable[dict]]]:
-    root = arg or "/usr/share/datasets/fashion-mnist"
-    return {"train": lambda: fashion_mnist("train", root), "test": lambda: fashion_mnist("test", root)}
-
-
-# name -> (optional ARG after the colon) -> {split: sample iterator factory}
-SOURCES: dict[str, Callable[[str | None], dict[str, Callable[[], Iterable[dict]]]]] = {
-    "fashion-mnist": _fashion_mnist,  # fashion-mnist[:ROOT_DIR]
-}
+def splits(name: str, arg: str | None, args: argparse.Namespace) -> dict[str, Callable[[], Source]]:
+    """{split: source factory} of `--source NAME[:ARG]`."""
+    if name == "fashion-mnist":
+        root = arg or "/usr/share/datasets/fashion-mnist"
+        return {s: partial(fashion_mnist_source, s, root) for s in ("train", "test")}
+    if name == "digits":
+        return {s: partial(digits_source, s) for s in ("train", "test")}
+    if not arg:
+        raise ValueError(f"--source {name}:PATH needs a path")
+    if name == "imagefolder":
+        return {"train": lambda: imagefolder_source(arg, args.image_size, args.class_map)}
+    size = args.image_size if args.resize else None
+    return {"train": lambda: parquet_source(arg, args.image_column, args.caption_column or None, args.label_column,
+                                            size)}
 
 
 def parse_source(text: str) -> tuple[str, str | None]:
     """'fashion-mnist' -> ('fashion-mnist', None); 'imagefolder:/data/x' -> ('imagefolder', '/data/x')."""
     name, _, arg = text.partition(":")
-    if name not in SOURCES:
-        raise argparse.ArgumentTypeError(f"unknown source {name!r}; available: {', '.join(sorted(SOURCES))}")
+    if name not in SOURCE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown source {name!r}; available: {', '.join(sorted(SOURCE_NAMES))}")
     return name, arg or None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.prepare_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, type=parse_source, help=f"one of: {', '.join(sorted(SOURCES))}")
+    p.add_argument("--source", required=True, type=parse_source, help=f"one of: {', '.join(SOURCE_NAMES)}")
     p.add_argument("--out", required=True, type=Path, help="output directory (gets train/ and test/)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--limit", type=int, default=None, help="first N samples of each split (smoke tests)")
+    p.add_argument("--ray", action="store_true", help="one Ray task per shard (parallel conversion)")
+    p.add_argument("--image-size", type=int, default=64, help="imagefolder/parquet: box-resize to this size")
+    p.add_argument("--class-map", default=None, help="imagefolder: JSON {synset: index} or 'synset [index]' lines")
+    p.add_argument("--image-column", default="image", help="parquet: column of encoded image bytes")
+    p.add_argument("--caption-column", default="caption", help="parquet: caption column ('' = none)")
+    p.add_argument("--label-column", default=None, help="parquet: class index column (optional)")
+    p.add_argument("--resize", action="store_true", help="parquet: box-resize to --image-size (default: keep)")
     args = p.parse_args(argv)
     name, arg = args.source
     try:
-        splits = SOURCES[name](arg)
+        factories = splits(name, arg, args)
+        if args.ray:
+            from fewstep.engine import connect_ray
+
+            connect_ray()
         start = time.perf_counter()
-        for split, make in splits.items():
+        for split, make in factories.items():
             t0 = time.perf_counter()
-            samples = itertools.islice(make(), args.limit)
             out = args.out / split
-            shards = write_shards(samples, out, prefix=split, samples_per_shard=args.samples_per_shard,
-                                  meta={"source": f"{name}:{arg}" if arg else name, "split": split})
-            n = json.loads((out / "manifest.json").read_text())["num_samples"]
-            seconds = time.perf_counter() - t0
-            print(f"{split:>6}: {len(shards)} shards, {n} samples -> {out} ({seconds:.1f} s)")
+            m = convert(make(), out, split, args.samples_per_shard, limit=args.limit, ray=args.ray,
+                        meta={"split": split})
+            print(f"{split:>6}: {m['num_shards']} shards, {m['num_samples']} samples -> {out} "
+                  f"({time.perf_counter() - t0:.1f} s)")
         print(f"done in {time.perf_counter() - start:.1f} s")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,12 +26,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The S3-compatible test server (moto, tests/test_data_storage.py) listens here. Ray tasks resolve the endpoint
+# and the (fake) credentials from their environment exactly as on AWS, so the session cluster carries them.
+S3_PORT = free_port()
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "fewstep-test",
+    "AWS_SECRET_ACCESS_KEY": "fewstep-test",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> dict[str, str]:
+    """The S3 test server's endpoint and credentials (a fixture: importing conftest again would pick a new port)."""
+    return dict(S3_ENV)
+
+
 def worker_env() -> dict[str, str]:
     """What Ray workers need to import this checkout's fewstep (and not an installed copy)."""
     return {
         "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)]),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+        **S3_ENV,
     }
 
 

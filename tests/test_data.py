@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from fewstep.data import DataConfig
-from fewstep.data.reader import build_dataset, to_training_batch
+from fewstep.data.reader import _pad, build_dataset, flip_mask, to_training_batch
 from fewstep.data.shards import ShardError, iter_samples, resolve_shards, write_shards
 from fewstep.data.sources import FASHION_MNIST_CLASSES, fashion_mnist
 
@@ -156,20 +156,25 @@ def test_iter_samples_refuses_pickle_and_missing_cls(tmp_path, source):
         list(iter_samples([bad]))
 
 
-def test_to_training_batch_pads_mixed_sizes_and_checks():
+def test_pad_scale_and_seeded_flips():
     small, big = np.full((28, 28, 1), 255, np.uint8), np.full((31, 30, 1), 255, np.uint8)
-    batch = {"image": np.array([small, big, small], dtype=object), "cls": np.array([3, -1, 9]),
-             "key": np.array(["a", "b", "c"]), "shard": np.array(["s.tar"] * 3)}
-    out = to_training_batch(batch, image_size=32, channels=1, num_classes=0)
-    assert out["image"].shape == (3, 1, 32, 32) and out["image"].dtype == np.float32
+    padded_u8 = np.stack([_pad(small, 32), _pad(big, 32)])  # (2, 1, 32, 32) uint8, 0 = padding
+    batch = {"image": padded_u8, "label": np.array([3, 9]), "keyhash": np.array([1, 2], np.uint32),
+             "pos": np.zeros(2, np.int32), "report": np.array(["", ""], dtype=object)}
+    out = to_training_batch(batch)
+    assert out["image"].shape == (2, 1, 32, 32) and out["image"].dtype == np.float32
     # White images: 1 inside the centred window, -1 padding around it (odd margins: the extra row/col after).
     assert (out["image"][0, 0, 2:30, 2:30] == 1).all() and out["image"][0].sum() == 28 * 28 - 240
     assert (out["image"][1, 0, :31, 1:31] == 1).all() and out["image"][1].sum() == 31 * 30 - 94
-    assert out["label"].tolist() == [0, 0, 0]  # num_classes=0: labels ignored
-    with pytest.raises(ValueError, match=r"s\.tar: sample 'b' has class -1, outside \[0, 10\)"):
-        to_training_batch(batch, image_size=32, channels=1, num_classes=10)
-    with pytest.raises(ValueError, match="sample 'a' has 1 channels, data.channels is 3"):
-        to_training_batch(batch, image_size=32, channels=3, num_classes=0)
+    # Flips: a hash of (key, seed, epoch): about half, reproducible, different in another epoch.
+    keys = (np.arange(4000, dtype=np.uint64) * 2654435761 % 2**32).astype(np.uint32)
+    m0, m1 = flip_mask(keys, 0, 0), flip_mask(keys, 0, 1)
+    assert 0.45 < m0.mean() < 0.55 and (m0 == flip_mask(keys, 0, 0)).all() and 0.4 < (m0 != m1).mean() < 0.6
+    ramp = np.tile(np.arange(32, dtype=np.uint8), (4, 1, 32, 1))  # (4, 1, 32, 32): brighter to the right
+    flipped = to_training_batch({**batch, "image": ramp, "keyhash": keys[:4], "pos": np.zeros(4, np.int32),
+                                 "label": np.zeros(4), "report": np.array([""] * 4, dtype=object)}, hflip=True)
+    for i, f in enumerate(m0[:4]):
+        assert (flipped["image"][i, 0, :, 0] > flipped["image"][i, 0, :, -1]).all() == bool(f)
 
 
 def test_prepare_data_cli(tmp_path):
@@ -224,7 +229,7 @@ def test_build_dataset_refuses_bad_shards(ray_cluster, tmp_path, source):
         "range": ([("k3.cls", b"12"), ("k3.png", png)],
                   "range.tar: sample 'k3' has class 12, outside [0, 10)"),
         "big": ([("k4.cls", b"1"), ("k4.png", raw_png(np.zeros((40, 40), np.uint8)))],
-                "big.tar: sample 'k4' is 40x40, larger than data.image_size=32"),
+                "big.tar: sample 'k4': image is 40x40, larger than data.image_size=32"),
     }
     for name, (members, message) in cases.items():
         d = tmp_path / name

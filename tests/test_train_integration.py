@@ -93,6 +93,11 @@ def test_resume_continues_from_checkpoint(ray_cluster, mlflow_server, shards, tm
     short = tiny_config(shards, mlflow_server, storage, **{"optim.total_steps": 10})
     first = train(short, run_name="it-resume", output_dir=tmp_path / "out")
     assert first.steps == 10
+    # the data position of both ranks rides in the checkpoint (shard-level resume, fewstep.data.stream)
+    state = json.loads(max((storage / "it-resume").glob("checkpoint_*/trainer_state.json")).read_text())
+    assert state["data"]["num_shards"] == 4 and [r["epoch"] for r in state["data"]["ranks"]] == [0, 0]
+    read = MlflowClient(mlflow_server).get_metric_history(first.run_id, "data_samples_read")
+    assert read and read[-1].value >= 10 * 16  # every consumed sample was read (and none skipped)
     second = train(tiny_config(shards, mlflow_server, storage), run_name="it-resume", output_dir=tmp_path / "out")
     assert second.run_id == first.run_id  # same MLflow run continues
     assert second.steps == 20

@@ -50,8 +50,12 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
 
 def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Result:
-    from fewstep.data.reader import build_dataset
+    from fewstep.data.storage import absolute_spec, resolve_shards
 
+    # Data: workers resolve shards themselves (each rank streams its own, fewstep.data.stream); here the spec is
+    # made absolute and checked, so an empty shard list or an unreachable bucket fails before workers start.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
+    resolve_shards(cfg.data.shards)
     e = cfg.engine
     # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -69,7 +73,6 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Res
             failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=e.keep_checkpoints),
         ),
-        datasets={"train": build_dataset(cfg.data, "train")},
     )
     return trainer.fit()
 

@@ -3,7 +3,6 @@ metrics (rank 0), sample grids (rank 0), checkpoints (every rank)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import tempfile
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
 from fewstep.config import TrainConfig
+from fewstep.data.stream import TrainStream
 from fewstep.distributed import (
     build_optimizer,
     deepspeed_config,
@@ -64,13 +64,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accum = engine.gradient_accumulation_steps()
 
     # 2. resume: DeepSpeed state (weights, optimizer, scheduler), EMA, step counter, RNG of this rank
-    step, skipped = 0, 0
+    step, skipped, data_state = 0, 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
             state = json.loads((Path(d) / STATE).read_text())
             step, skipped = state["step"], int(state.get("skipped_steps", 0))
+            data_state = state.get("data")
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
             if ema is not None:
                 ema.module.load_state_dict(load_file(str(Path(d) / "model" / "weights.safetensors")))
@@ -86,7 +87,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     saved = step  # the last checkpoint this run can fall back to
     guard = DivergenceGuard(cfg.engine.max_bad_steps, world, skipped)
     hooks = DebugHooks(cfg.engine.debug, rank, Path(os.path.expanduser(cfg.engine.storage_path)), run_id)
-    shard = ray.train.get_dataset_shard("train")
+    # data: this rank's shards of each epoch, resumed at shard granularity (fewstep.data.stream)
+    data = TrainStream(cfg.data, rank, world, micro, resume=data_state)
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     conditional = cfg.network.num_classes > 0
 
@@ -95,12 +97,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         nonlocal saved
         saved = step
         metrics = {**metrics, "skipped_steps": float(guard.skipped)}
+        position = data.state()  # every rank (it gathers the data position and skip counts of all ranks)
+        if mlflow is not None:  # samples read / skipped by reason, all ranks
+            ts = int(time.time() * 1000)
+            mlflow.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in data.metrics().items()])
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
             if ema is not None:
                 Generator(ema.module, cfg).save(Path(d) / "model")
-                (Path(d) / STATE).write_text(json.dumps({"step": step, **metrics}))
+                (Path(d) / STATE).write_text(json.dumps({"step": step, **metrics, "data": position}))
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log_samples() -> None:
@@ -131,18 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             flush=True,
         )
 
-    def batches():
-        for epoch in itertools.count():
-            seed = cfg.data.shuffle_seed + epoch * 7919 + rank if cfg.data.shuffle_buffer else None
-            for b in shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=seed,
-            ):
-                yield epoch, b
-
-    stream = batches()
+    stream = iter(data)
     while step < cfg.optim.total_steps:
         # 3. one micro-batch; DeepSpeed applies the optimizer at every `accum`-th (its global_steps is the truth)
         t = time.perf_counter()

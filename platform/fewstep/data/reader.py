@@ -1,74 +1,139 @@
-"""WebDataset shards -> a Ray Dataset of training-ready tensors.
+"""WebDataset shards -> Ray Datasets of training-ready tensors.
 
-Column contract of `build_dataset` (exactly these two columns, one row per sample):
-  image: float32 (C, H, W) = (cfg.channels, cfg.image_size, cfg.image_size), pixels scaled to [-1, 1],
-         centre-padded with -1 (black), never cropped or resized.
-  label: int64 class index in [0, cfg.num_classes); all 0 when cfg.num_classes == 0 (labels ignored).
-The local shuffle buffer (cfg.shuffle_buffer) is applied by the consumer in `iter_torch_batches`.
+`ShardSource` is a Ray Data datasource with one read task per shard. The task streams the tar from local
+disk or object storage (storage.py), decodes and checks every sample under the bad-data policy
+(samples.py), centre-pads images to (C, S, S) uint8 (pad value 0 = -1 after scaling), and ends the shard
+with one *report row* (valid=False) carrying the shard's position and its tally of read and skipped
+samples. The report rides with the data, so the consumer learns how many samples each shard had (for
+shard-level resume, stream.py) and what was skipped (MLflow, max_skip_fraction) without any side channel.
+
+Columns after `to_training_batch` (one row per sample, plus one report row per shard):
+  image: float32 (C, S, S) in [-1, 1], centre-padded with -1, flipped per data.hflip
+  label: int64 class index in [0, num_classes); 0 when num_classes == 0
+  pos:   int32 position of the row's shard in the read order;  report: str, "" for samples
+`build_dataset` drops report rows and returns exactly image and label.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+import json
+import zlib
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import ray
-from ray.data import FileShuffleConfig
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from fewstep.data.config import DataConfig
-from fewstep.data.shards import decode_sample, resolve_shards
+from fewstep.data.samples import SampleSpec, Tally, read_tar
+from fewstep.data.storage import is_remote, open_input, read_text, resolve_shards
 
-_MISSING_CLS = -1
-
-
-def safe_decoder(sample: dict[str, Any], require_cls: bool = True) -> dict[str, Any]:
-    """Ray's `read_webdataset` decoder. Ray's default one unpickles `.pkl` and torch.loads `.pth`
-    members; this one goes through `decode_sample`, which refuses them naming shard and key."""
-    members = {k: v for k, v in sample.items() if not k.startswith("__")}
-    shard, key = str(sample.get("__url__")), str(sample["__key__"])
-    s = decode_sample(members, shard, key, require_cls=require_cls)
-    cls = _MISSING_CLS if s["cls"] is None else s["cls"]
-    return {"key": key, "shard": shard, "image": s["image"], "cls": cls}
+ROWS_PER_BLOCK = 256
 
 
-def to_training_batch(
-    batch: dict[str, np.ndarray], image_size: int, channels: int, num_classes: int
-) -> dict[str, np.ndarray]:
-    """Decoded rows -> {"image": (N, C, S, S) float32 in [-1, 1], "label": (N,) int64}. Runs in
-    `map_batches`, so padding and scaling happen in Ray tasks, in parallel, not in a worker's collate."""
-    def where(i: int) -> str:
-        return f"{batch['shard'][i]}: sample {str(batch['key'][i])!r}"
+def _pad(image: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, C) uint8 -> (C, size, size) uint8, centred (odd margins: the extra row/col after)."""
+    h, w, c = image.shape
+    out = np.zeros((c, size, size), np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[:, top : top + h, left : left + w] = image.transpose(2, 0, 1)
+    return out
 
-    images = list(batch["image"])  # a (N, H, W, C) tensor column, or ragged when sizes differ
-    out = np.full((len(images), channels, image_size, image_size), -1.0, dtype=np.float32)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(tuple(np.shape(im)), []).append(i)
-    for (h, w, c), idx in by_shape.items():
-        if c != channels:
-            raise ValueError(f"{where(idx[0])} has {c} channels, data.channels is {channels}")
-        if h > image_size or w > image_size:
-            raise ValueError(f"{where(idx[0])} is {h}x{w}, larger than data.image_size={image_size} "
-                             "(images are padded, never cropped)")
-        top, left = (image_size - h) // 2, (image_size - w) // 2
-        x = np.stack([images[i] for i in idx]).astype(np.float32)  # (n, h, w, C)
-        out[np.asarray(idx), :, top : top + h, left : left + w] = x.transpose(0, 3, 1, 2) / 127.5 - 1.0
-    labels = np.asarray(batch["cls"], dtype=np.int64)
-    if num_classes == 0:
-        labels = np.zeros_like(labels)
-    else:
-        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{where(i)} has class {int(labels[i])}, outside [0, {num_classes}) "
-                             f"(data.num_classes={num_classes})")
-    return {"image": out, "label": labels}
+
+def _block(rows: list[tuple[np.ndarray, int, int, str]], pos: int) -> Any:
+    return BlockAccessor.batch_to_block({
+        "image": np.stack([r[0] for r in rows]),
+        "label": np.array([r[1] for r in rows], np.int64),
+        "keyhash": np.array([r[2] for r in rows], np.uint32),
+        "pos": np.full(len(rows), pos, np.int32),
+        "report": np.array([r[3] for r in rows], dtype=object),
+    })
+
+
+def read_shard(uri: str, pos: int, spec: SampleSpec, on_error: Literal["fail", "skip"],
+               expected: int | None) -> Iterator[Any]:
+    """Blocks of one shard (runs inside a Ray read task); the last block ends with the report row."""
+    size, channels = spec.image_size, spec.channels
+    tally, rows = Tally(), []
+    with open_input(uri) as f:
+        for s in read_tar(f, uri, spec, on_error, tally, expected):
+            cls = s["cls"] if spec.num_classes and s["cls"] is not None else 0
+            rows.append((_pad(s["image"], size), cls, zlib.crc32(s["key"].encode()), ""))
+            if len(rows) == ROWS_PER_BLOCK:
+                yield _block(rows, pos)
+                rows = []
+    report = json.dumps({"pos": pos, "shard": uri, "tally": dict(tally)})
+    rows.append((np.zeros((channels, size, size), np.uint8), 0, 0, report))
+    yield _block(rows, pos)
+
+
+class ShardSource(Datasource):
+    """Ray Data datasource: `shards[i]` is read by read task i, its rows tagged pos=positions[i] (default i)."""
+
+    def __init__(self, shards: list[str], spec: SampleSpec, on_error: Literal["fail", "skip"],
+                 expected: dict[str, int] | None = None, positions: list[int] | None = None) -> None:
+        self.shards, self.spec, self.on_error, self.expected = list(shards), spec, on_error, expected or {}
+        self.positions = list(range(len(shards))) if positions is None else list(positions)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        def task(pos: int, uri: str) -> ReadTask:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[uri])
+            expected = self.expected.get(uri)
+            return ReadTask(lambda: read_shard(uri, pos, self.spec, self.on_error, expected), meta,
+                            per_task_row_limit=per_task_row_limit)
+
+        return [task(p, uri) for p, uri in zip(self.positions, self.shards, strict=True)]
+
+
+def manifest_counts(shards: list[str]) -> dict[str, int]:
+    """Sample counts per shard from `manifest.json` files beside the shards (fewstep-written sets), so that
+    a tar cut at a member boundary is detected; shards without a manifest are not checked."""
+    counts: dict[str, int] = {}
+    for parent in dict.fromkeys(s.rsplit("/", 1)[0] for s in shards):
+        text = read_text(f"{parent}/manifest.json")
+        if text:
+            for e in json.loads(text).get("shards", []):
+                counts[f"{parent}/{e['name']}"] = int(e["samples"])
+    return counts
+
+
+def flip_mask(keyhash: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """(N,) bool: flip or not, a hash of (key, seed, epoch): reproducible, different every epoch."""
+    mix = np.uint64((seed * 0x9E3779B1 + epoch * 0x85EBCA77 + 0x165667B1) % 2**32)
+    h = (keyhash.astype(np.uint64) ^ mix) * np.uint64(0x27D4EB2F)  # wraps mod 2**64: a multiplicative hash
+    return ((h >> np.uint64(31)) & np.uint64(1)).astype(bool)
+
+
+def to_training_batch(batch: dict[str, np.ndarray], hflip: bool = False, seed: int = 0,
+                      epoch: int = 0) -> dict[str, np.ndarray]:
+    """uint8 (N, C, S, S) -> float32 in [-1, 1], flipped per data.hflip. Runs in Ray Data's map_batches,
+    in parallel tasks, not in the training step."""
+    image = batch["image"].astype(np.float32) / 127.5 - 1.0
+    if hflip:
+        flip = flip_mask(batch["keyhash"], seed, epoch)
+        image[flip] = image[flip, :, :, ::-1]
+    return {"image": image, "label": batch["label"], "pos": batch["pos"], "report": batch["report"]}
+
+
+def shard_dataset(cfg: DataConfig, shards: list[str], epoch: int = 0, expected: dict[str, int] | None = None,
+                  positions: list[int] | None = None) -> ray.data.Dataset:
+    """The shards, in this order, as one Ray Dataset with report rows (see module docstring)."""
+    source = ShardSource(shards, SampleSpec.from_config(cfg), cfg.on_error, expected, positions)
+    ds = ray.data.read_datasource(source)
+    ds.context.enable_progress_bars = False  # per-operator bars flood job logs; rank 0 logs data wait
+    return ds.map_batches(to_training_batch, batch_format="numpy",
+                          fn_kwargs={"hflip": cfg.hflip, "seed": cfg.shuffle_seed, "epoch": epoch})
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
-    """A lazy Ray Dataset of `cfg.shards` (split="train", shard order reshuffled each epoch from
-    cfg.shuffle_seed) or `cfg.test_shards` (split="test", file order). Columns: see module docstring."""
+    """A lazy Ray Dataset of `cfg.shards` (split="train") or `cfg.test_shards` (split="test") in file order,
+    exactly the columns image and label. Training itself reads per rank and epoch (stream.py)."""
     if split == "train":
         spec = cfg.shards
     elif split == "test":
@@ -77,18 +142,9 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
         spec = cfg.test_shards
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    paths = resolve_shards(spec)
-    ds = ray.data.read_webdataset(
-        paths,
-        decoder=partial(safe_decoder, require_cls=cfg.num_classes > 0),
-        # `fileselect` filters tar *members*, not shard files: keep every member so that the decoder sees
-        # (and refuses) pickles instead of them being dropped silently. Shard files are chosen here:
-        file_extensions=["tar"],
-        # Each execution (epoch) gets a new shard order derived from the seed (reseed_after_execution).
-        shuffle=FileShuffleConfig(seed=cfg.shuffle_seed) if split == "train" else None,
-    )
-    return ds.map_batches(
-        to_training_batch,
-        batch_format="numpy",
-        fn_kwargs={"image_size": cfg.image_size, "channels": cfg.channels, "num_classes": cfg.num_classes},
-    )
+    shards = resolve_shards(spec)
+    ds = shard_dataset(cfg, shards, expected=manifest_counts(shards))
+    return ds.filter(expr="report == ''").select_columns(["image", "label"])
+
+
+__all__ = ["ShardSource", "build_dataset", "is_remote", "manifest_counts", "shard_dataset", "to_training_batch"]

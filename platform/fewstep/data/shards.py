@@ -1,9 +1,9 @@
-"""WebDataset shards on local disk: write them atomically, find them, and read them back safely.
+"""WebDataset shards: write them atomically with a manifest, and read them back (local or object storage).
 
 A shard is a plain tar whose members are `KEY.png`, `KEY.cls` (ascii int) and `KEY.txt` (utf-8), keys
-sorted and each sample's members contiguous: Ray's reader groups members by key on the fly and would
-split non-contiguous samples (ray issue 44068). Members are decoded by `decode_sample`, which never
-unpickles: a `.pkl`/`.pth` member in a shard is code, not data.
+sorted and each sample's members contiguous: Ray's and webdataset's readers group members by key on the
+fly and would split non-contiguous samples (ray issue 44068). Reading goes through `samples.read_tar`,
+which never unpickles: a `.pkl`/`.pth` member in a shard is code, not data.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -21,19 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-# Member suffixes whose decoding would execute code (pickle, torch.load): always refused.
-UNSAFE_EXTS = ("pkl", "pickle", "pth", "pt")
+from fewstep.data.samples import SampleSpec, ShardError, Tally, decode_sample, read_tar
+from fewstep.data.storage import open_input, resolve_shards
+
+__all__ = ["ShardError", "decode_sample", "iter_samples", "resolve_shards", "write_shards", "write_shard"]
 MANIFEST = "manifest.json"
-# The same split rule as Ray's and webdataset's readers: key = path up to the first dot of the basename.
-_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class ShardError(ValueError):
-    """A shard or sample that fewstep refuses to read; the message names the shard and the key."""
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -73,10 +66,24 @@ def _write_atomic(path: Path, write) -> str:
     return digest
 
 
-def _write_shard(path: Path, samples: list[dict]) -> str:
+def _check_key(key: str) -> str:
+    if not key or "." in key or "/" in key or key.startswith("__"):
+        raise ShardError(f"sample key {key!r}: keys must be non-empty, without '.' or '/', not '__*'")
+    return key
+
+
+def write_shard(path: str | Path, samples: list[dict]) -> dict:
+    """One shard from samples {key, image (uint8 HxW|HxWxC), cls, txt}, keys sorted; returns its manifest
+    entry {name, samples, sha256, classes, shapes}. Runs in Ray tasks for parallel conversion."""
+    path, samples = Path(path), sorted(samples, key=lambda s: s["key"])
+    keys = [_check_key(str(s["key"])) for s in samples]
+    dup = next((a for a, b in zip(keys, keys[1:], strict=False) if a == b), None)
+    if dup is not None:
+        raise ShardError(f"sample key {dup!r} appears twice")
+
     def write(f):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for s in sorted(samples, key=lambda s: s["key"]):
+            for s in samples:
                 key = s["key"]
                 # Members in name order (cls < png < txt), all of one sample together.
                 if s.get("cls") is not None:
@@ -85,7 +92,39 @@ def _write_shard(path: Path, samples: list[dict]) -> str:
                 if s.get("txt") is not None:
                     _add_member(tar, f"{key}.txt", str(s["txt"]).encode("utf-8"))
 
-    return _write_atomic(path, write)
+    digest = _write_atomic(path, write)
+    shapes = Counter("x".join(map(str, np.shape(s["image"]) + (() if np.ndim(s["image"]) == 3 else (1,))))
+                     for s in samples)
+    classes = Counter(str(int(s["cls"])) for s in samples if s.get("cls") is not None)
+    return {"name": path.name, "samples": len(samples), "sha256": digest, "classes": dict(classes),
+            "shapes": dict(shapes)}
+
+
+def write_manifest(out_dir: str | Path, prefix: str, entries: list[dict], meta: dict[str, Any] | None = None) -> dict:
+    """`manifest.json` over shard entries (totals, classes, image sizes, per-shard counts and sha256); removes
+    shards left under the same prefix by an earlier, larger run."""
+    out = Path(out_dir)
+    names = {e["name"] for e in entries}
+    for stale in out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if stale.name not in names:
+            stale.unlink()
+    classes: Counter[str] = Counter()
+    shapes: Counter[str] = Counter()
+    for e in entries:
+        classes.update(e["classes"])
+        shapes.update(e["shapes"])
+    manifest = {
+        **(meta or {}),
+        "format": "webdataset",
+        "members": ["cls", "png", "txt"],
+        "num_shards": len(entries),
+        "num_samples": sum(e["samples"] for e in entries),
+        "classes": {c: classes[c] for c in sorted(classes, key=int)},
+        "image_sizes": [{"shape_hwc": [int(d) for d in k.split("x")], "samples": n} for k, n in shapes.most_common()],
+        "shards": [{k: e[k] for k in ("name", "samples", "sha256")} for e in entries],
+    }
+    _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
+    return manifest
 
 
 def write_shards(
@@ -97,155 +136,42 @@ def write_shards(
     meta: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write samples {key, image (uint8 HxW|HxWxC), cls, txt} as `{prefix}-000000.tar`, ... plus
-    `manifest.json` (per-shard counts and sha256, totals, classes, image sizes; `meta` merged in).
-    Keys must be unique and dot-free (the reader splits member names at the first dot). Shards left by an
-    earlier run under the same prefix are removed once the new set is complete."""
+    `manifest.json` (per-shard counts and sha256, totals, classes, image sizes; `meta` merged in), in one
+    process. Keys must be unique and dot-free (the reader splits member names at the first dot). For large
+    sources, `convert.convert_parallel` writes the same shards with Ray tasks."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
     entries: list[dict] = []
     seen: set[str] = set()
-    classes: Counter[int] = Counter()
-    shapes: Counter[tuple[int, ...]] = Counter()
     buffer: list[dict] = []
-
-    def flush() -> None:
-        path = out / f"{prefix}-{len(written):06d}.tar"
-        digest = _write_shard(path, buffer)
-        written.append(path)
-        entries.append({"name": path.name, "samples": len(buffer), "sha256": digest})
-        buffer.clear()
-
     for s in samples:
-        key = str(s["key"])
-        if not key or "." in key or "/" in key or key.startswith("__"):
-            raise ShardError(f"sample key {key!r}: keys must be non-empty, without '.' or '/', not '__*'")
+        key = _check_key(str(s["key"]))
         if key in seen:
             raise ShardError(f"sample key {key!r} appears twice")
         seen.add(key)
-        shape = np.shape(s["image"])
-        shapes[tuple(shape) if len(shape) == 3 else (*shape, 1)] += 1
-        if s.get("cls") is not None:
-            classes[int(s["cls"])] += 1
         buffer.append(s)
         if len(buffer) == samples_per_shard:
-            flush()
+            entries.append(write_shard(out / f"{prefix}-{len(entries):06d}.tar", buffer))
+            buffer = []
     if buffer:
-        flush()
-    for stale in set(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) - set(written):
-        stale.unlink()
-    manifest = {
-        **(meta or {}),
-        "format": "webdataset",
-        "members": ["cls", "png", "txt"],
-        "num_shards": len(written),
-        "num_samples": len(seen),
-        "classes": {str(c): n for c, n in sorted(classes.items())},
-        "image_sizes": [{"shape_hwc": list(k), "samples": n} for k, n in shapes.most_common()],
-        "shards": entries,
-    }
-    _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
-    return written
+        entries.append(write_shard(out / f"{prefix}-{len(entries):06d}.tar", buffer))
+    write_manifest(out, prefix, entries, meta)
+    return [out / e["name"] for e in entries]
 
 
-# ---------------------------------------------------------------------------------------------- find
-
-
-def resolve_shards(spec: str) -> list[str]:
-    """Absolute paths of the .tar shards named by `spec`: a directory (its *.tar, sorted), a glob, a brace
-    pattern (`dir/train-{000000..000005}.tar`, every expanded file must exist), or one file. Absolute,
-    because Ray tasks do not run in the driver's working directory."""
-    paths: list[str] = []
-    for part in braceexpand(os.path.expanduser(spec)):
-        if glob.has_magic(part):
-            paths += sorted(p for p in glob.glob(part) if p.endswith(".tar") and os.path.isfile(p))
-        elif os.path.isdir(part):
-            paths += sorted(str(p) for p in Path(part).glob("*.tar") if p.is_file())
-        elif os.path.isfile(part) and part.endswith(".tar"):
-            paths.append(part)
-        elif part != spec:
-            raise FileNotFoundError(f"shard spec {spec!r}: {part!r} is not a .tar file")
-    if not paths:
-        raise FileNotFoundError(f"shard spec {spec!r} matches no .tar shard (expected a directory of .tar "
-                                "files, a glob, or a brace pattern such as dir/train-{000000..000005}.tar)")
-    return list(dict.fromkeys(os.path.abspath(p) for p in paths))
-
-
-# ---------------------------------------------------------------------------------------------- read
-
-
-def _decode_image(data: bytes, shard: str, key: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode not in ("L", "RGB", "RGBA"):
-                im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types; the caller needs shard and key, not the type.
-        raise ShardError(f"{shard}: sample {key!r}: undecodable image ({type(e).__name__}: {e})") from e
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def decode_sample(members: dict[str, bytes], shard: str, key: str, require_cls: bool = True) -> dict:
-    """Raw member bytes by suffix ({"png": b"..", "cls": b"3"}) -> {key, image (uint8 HxWxC), cls (int or
-    None), txt, json}. Only images, .cls, .txt and .json are decoded; unknown suffixes are dropped;
-    pickle and torch members raise, so reading a shard never runs code from it."""
-    out: dict[str, Any] = {"key": key, "image": None, "cls": None, "txt": None, "json": None}
-    for suffix, data in members.items():
-        ext = suffix.lower()
-        if ext.rsplit(".", 1)[-1] in UNSAFE_EXTS:
-            raise ShardError(f"{shard}: sample {key!r} has a {key}.{suffix} member: pickle/torch members "
-                             "are refused (unpickling runs arbitrary code); store arrays as images or .json")
-        if ext in IMAGE_EXTS:
-            if out["image"] is not None:
-                raise ShardError(f"{shard}: sample {key!r} has more than one image member")
-            out["image"] = _decode_image(data, shard, key)
-        elif ext in ("cls", "txt", "json"):
-            try:
-                text = data.decode("utf-8")
-                out[ext] = int(text.strip()) if ext == "cls" else json.loads(text) if ext == "json" else text
-            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
-                raise ShardError(f"{shard}: sample {key!r}: bad .{ext} member ({e})") from e
-    if out["image"] is None:
-        raise ShardError(f"{shard}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)})")
-    if require_cls and out["cls"] is None:
-        raise ShardError(f"{shard}: sample {key!r} has no .cls member (class label)")
-    return out
-
-
-def _iter_members(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample, streaming; refuses non-contiguous samples instead of splitting."""
-    done: set[str] = set()
-    key, members = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for info in tar:
-            m = _MEMBER.match(info.name) if info.isreg() else None
-            if m is None:
-                continue
-            if m.group(1) != key:
-                if key is not None:
-                    yield key, members
-                    done.add(key)
-                key, members = m.group(1), {}
-                if key in done:
-                    raise ShardError(f"{path}: members of sample {key!r} are not contiguous in the tar")
-            if m.group(2) in members:
-                raise ShardError(f"{path}: sample {key!r} has two {m.group(2)!r} members")
-            members[m.group(2)] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
-def iter_samples(paths: str | Path | Iterable[str | Path], require_cls: bool = True) -> Iterator[dict]:
-    """Single-process read of shards -> {key, image (uint8 HxWxC), cls, txt, json}, in file order.
-    For FID reference statistics and tests; training reads through Ray Data (reader.py). A str is a
-    shard spec (see resolve_shards)."""
+def iter_samples(
+    paths: str | Path | Iterable[str | Path], require_cls: bool = True, spec: SampleSpec | None = None
+) -> Iterator[dict]:
+    """Single-process read of shards -> {key, image (uint8 HxWxC), cls, txt, json}, in file order; any bad
+    sample raises (policy "fail"). For FID reference statistics, benchmarks and tests; training reads
+    through Ray Data (reader.py). A str is a shard spec (see storage.resolve_shards), local or remote."""
     if isinstance(paths, str):
         paths = resolve_shards(paths)
     elif isinstance(paths, Path):
         paths = [paths]
+    spec = spec or SampleSpec(require_label=require_cls)
     for path in paths:
-        for key, members in _iter_members(str(path)):
-            yield decode_sample(members, str(path), key, require_cls=require_cls)
+        with open_input(str(path)) as f:
+            yield from read_tar(f, str(path), spec, "fail", Tally())
