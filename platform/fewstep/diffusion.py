@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.multistep import XPredictor, sample, sample_times
+from fewstep.multistep import SAMPLERS, XPredictor, sample, sample_times
 from fewstep.vp import VPConfig, alpha_sigma, snr
 
 
@@ -72,9 +72,15 @@ class DiffusionObjective:
     def steps_available(self) -> str:
         return "any"
 
+    samplers = SAMPLERS
+
+    @property
+    def default_sampler(self) -> str:
+        return self.cfg.sampler
+
     def sample(
         self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, sampler: str | None = None,
     ) -> torch.Tensor:
         self.sample_times(num_steps)
-        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=self.cfg.sampler)
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=sampler or self.cfg.sampler)

@@ -1,5 +1,5 @@
-"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, data shard, EMA,
-metrics (rank 0), sample grids (rank 0), checkpoints (every rank)."""
+"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, data shard, frozen teacher
+(distillation), EMA, metrics (rank 0), sample grids and FID (rank 0), checkpoints (every rank)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
+from fewstep import teacher as teachers
 from fewstep.config import TrainConfig
 from fewstep.distributed import build_optimizer, deepspeed_config, ema_update, gathered, warmup_schedule
+from fewstep.evaluation import TrainingFID
 from fewstep.generator import Generator
 from fewstep.images import grid
 from fewstep.objectives import build_model, build_objective
@@ -35,9 +37,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.engine.threads_per_worker)
     device = ray.train.torch.get_device() if cfg.engine.use_gpu else torch.device("cpu")
 
-    # 1. identical initial weights on every rank, then rank-specific noise streams
+    # 1. identical initial weights on every rank (the teacher's, when distilling with init_from_teacher), then
+    #    rank-specific noise streams. The teacher is small: every rank holds a frozen copy outside DeepSpeed.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    teacher = None
+    if loop_config.get("teacher"):
+        teacher = teachers.load(loop_config["teacher"], loop_config["tracking_uri"], device)
+        if cfg.objective.init_from_teacher:
+            teachers.init_student(model, teacher)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -87,6 +95,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mlflow.log_image(run_id, grid(imgs, cfg.eval.grid_size), key=f"samples_{k}step", step=step)
         gen.model.train()  # Generator switched the EMA module to eval mode
 
+    fid = TrainingFID(cfg, loop_config["fid_reference"]) if rank == 0 and cfg.eval.fid_every else None
+
+    def log_fid() -> None:
+        gen = Generator(ema.module, cfg)
+        scores = fid(gen)
+        gen.model.train()
+        ts = int(time.time() * 1000)
+        mlflow.log_batch(run_id, metrics=[Metric(f"fid_steps_{k}", v, ts, step) for k, v in scores.items()])
+        print(f"step {step} FID ({cfg.eval.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()),
+              flush=True)
+
     def batches():
         for epoch in itertools.count():
             seed = cfg.data.shuffle_seed + epoch * 7919 + rank if cfg.data.shuffle_buffer else None
@@ -106,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["wait"] += time.perf_counter() - t
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device) if conditional else None
-        loss, info = objective.loss(engine, x, y, step)
+        loss, info = objective.loss(engine, x, y, step, **({"teacher": teacher} if teacher else {}))
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
@@ -141,5 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
         if rank == 0 and (step % cfg.eval.every == 0 or last):
             log_samples()
+        if fid is not None and (step % cfg.eval.fid_every == 0 or last):
+            log_fid()
         if step % cfg.engine.checkpoint_every == 0 or last:
             checkpoint({"loss": float(loss.item()), **info})
