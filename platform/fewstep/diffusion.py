@@ -25,7 +25,11 @@ class DiffusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["diffusion"] = "diffusion"
     vp: VPConfig = Field(default_factory=VPConfig)
-    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    distance: Literal["pseudo_huber", "l2", "l2_squared"] = Field(
+        "pseudo_huber",
+        description="Per-sample distance; l2_squared with w = SNR + 1 is the usual v-prediction MSE (the presets' "
+        "choice: the unsquared norms weight small t by 1 / sigma_t).",
+    )
     huber_c: float | None = Field(
         1e-4, ge=0, description="Pseudo-Huber c, as in MultistepConfig; None = iCT's 0.00054 sqrt(D)."
     )
