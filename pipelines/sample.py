@@ -1,4 +1,4 @@
-"""python -m pipelines.sample --model models:/NAME@ALIAS --steps 1[,2] --n 64 --out grid.png
+"""python -m pipelines.sample --model models:/NAME@ALIAS --steps 1[,2] [--sampler ddim|addim|ict] --n 64 --out grid.png
 
 Loads the registered model exactly as a user would (mlflow.pyfunc) and writes one grid row block per
 step count. Class-conditional models cycle through the classes unless --class-label is given.
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="1", help="comma-separated sampling step counts, e.g. 1,2")
     p.add_argument("--n", type=int, default=64, help="images per step count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampler", help="ddim | addim (multistep / diffusion models), ict (iCT models); default: the model's"
+    )
     p.add_argument("--class-label", type=int, help="one class for all images (default: cycle through classes)")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.arange(args.n)
     frame = pd.DataFrame({column: labels.astype(np.int64)})
     steps = [int(s) for s in args.steps.split(",")]
-    blocks = [model.predict(frame, params={"num_steps": k, "seed": args.seed}) for k in steps]
+    params = {"seed": args.seed, **({"sampler": args.sampler} if args.sampler else {})}
+    blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
     cols = math.ceil(math.sqrt(args.n)) if len(steps) == 1 else args.n
     path = save_png(grid(np.concatenate(blocks), cols), args.out)
     print(f"wrote {path} ({len(steps)} x {args.n} images; steps {args.steps})")

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from fewstep.engine import train
 
-    s = train(cfg, run_name=args.run_name, output_dir=args.output_dir)
+    try:
+        s = train(cfg, run_name=args.run_name, output_dir=args.output_dir)
+    except ConfigError as e:  # e.g. a distillation teacher that does not fit the config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"MLflow run:        {s.run_url}")
     if s.registered_model:
         uri = f"models:/{s.registered_model}@{cfg.tracking.alias}"

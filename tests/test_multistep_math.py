@@ -227,3 +227,20 @@ def test_vp_precond_is_v_prediction_and_losses_are_differentiable():
         assert net.net.conv.weight.grad.abs().sum() > 0
     assert DiffusionObjective(DiffusionConfig(), 64).sample_times(3) == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert sample(net.eval(), torch.randn(2, 1, 8, 8), 2, None, VP, sampler="addim").abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("S", [1, 2, 8])
+def test_analytic_gaussian_denoiser_as_teacher_and_model_has_zero_loss_with_one_teacher_step_per_segment(S):
+    """The issue's known case, taken literally: x ~ N(0, s0^2 I), the analytic E[x | z_t] is both the teacher and
+    the model. With N_seg = 1 (T = S) every draw has s = t_step, so the target invDDIM_{t->t_step}(DDIM_{t->t_step}
+    (x_teacher, z_t), z_t) is x_teacher itself: zero loss for every S (the diffusion end, eq. 9). With N_seg > 1 it
+    is not zero; the test above explains why and uses the exact chain consistency function instead."""
+    s0 = 0.5
+    denoiser = _gauss_denoiser(s0)
+    cfg = MultistepConfig(name="multistep_cd", student_steps=S, n_start=S, n_end=S, teacher_sampler="ddim")
+    x = s0 * torch.randn(64, 1, 4, 4, dtype=F64)
+    loss, info = MultistepObjective(cfg, data_dim=16).loss(denoiser, x, None, step=0, teacher=denoiser)
+    assert info["n_seg"] == 1.0 and loss.item() == pytest.approx(0.0, abs=1e-9)
+    finer = MultistepConfig(name="multistep_cd", student_steps=S, n_start=4 * S, n_end=4 * S, teacher_sampler="ddim")
+    loss, _ = MultistepObjective(finer, data_dim=16).loss(denoiser, x, None, step=0, teacher=denoiser)
+    assert loss.item() > 1e-6

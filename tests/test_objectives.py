@@ -57,5 +57,5 @@ def test_bad_labels_and_unknown_objective_are_clear_errors():
         gen.generate(1, labels=np.array([10]))
     with pytest.raises(ConfigError, match="objective"):
         tiny("objective.name=gan")
-    with pytest.raises(ConfigError, match="multistep_cd needs a teacher"):
+    with pytest.raises(ConfigError, match="objective.teacher is required"):
         tiny("objective.name=multistep_cd")

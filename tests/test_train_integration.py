@@ -160,3 +160,88 @@ def test_multistep_ct_through_the_same_pipeline(ray_cluster, mlflow_server, shar
     assert {m.step for m in client.get_metric_history(s.run_id, "n_teacher")} == {1, 2, 3, 4}
     mv = client.get_model_version_by_alias("it-fashion-mct", "champion")
     assert mv.run_id == s.run_id
+
+
+def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cluster, mlflow_server, shards, tmp_path):
+    """The S = infinity end trains and registers like any model (with a tiny in-training FID); its registered
+    version is then the frozen teacher of multistep CD, whose student starts from the teacher's weights."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from fewstep.config import ConfigError
+    from fewstep.generator import Generator
+
+    client = MlflowClient(mlflow_server)
+    teacher_cfg = tiny_config(
+        shards,
+        mlflow_server,
+        tmp_path / "runs",
+        **{
+            "objective": {"name": "diffusion", "distance": "l2_squared"},
+            "data.test_shards": str(shards),
+            "optim.total_steps": 4,
+            "engine.checkpoint_every": 4,
+            "eval.every": 4,
+            "eval.steps": [2],
+            "eval.fid_every": 4,  # one FID at the end, 4 samples vs 4 held-out images: Inception on CPU is slow
+            "eval.fid_n": 4,
+            "eval.fid_n_ref": 4,
+            "tracking.registered_model": "it-fashion-diffusion",
+        },
+    )
+    t = train(teacher_cfg, run_name="it-diffusion", output_dir=tmp_path / "out")
+    assert t.steps == 4
+    fid = client.get_metric_history(t.run_id, "fid_steps_2")
+    assert [m.step for m in fid] == [4] and math.isfinite(fid[0].value) and fid[0].value > 0
+    assert (shards / "fid_stats_4_32px.npz").is_file()
+
+    # serving: any step count, sampler ddim (default) or addim, a clear error for anything else
+    model = mlflow.pyfunc.load_model("models:/it-fashion-diffusion@champion")
+    frame = pd.DataFrame({"class_label": [1, 7]})
+    ddim = model.predict(frame, params={"num_steps": 3, "seed": 0})
+    assert ddim.shape == (2, 32, 32, 1)
+    assert np.array_equal(ddim, model.predict(frame, params={"num_steps": 3, "seed": 0, "sampler": "ddim"}))
+    assert not np.array_equal(ddim, model.predict(frame, params={"num_steps": 3, "seed": 0, "sampler": "addim"}))
+    with pytest.raises(Exception, match=r"sampler='ict' is not available for this diffusion model"):
+        model.predict(frame, params={"num_steps": 3, "sampler": "ict"})
+
+    # a student whose network differs cannot start from the teacher: refused before any run or worker exists
+    cd = {"name": "multistep_cd", "teacher": "models:/it-fashion-diffusion@champion", "student_steps": 2,
+          "n_start": 8, "n_end": 16, "anneal_steps": 4}
+    with pytest.raises(ConfigError, match=r"objective.init_from_teacher=true .*network.channels"):
+        train(tiny_config(shards, mlflow_server, tmp_path / "runs", **{"objective": cd, "network.channels": [8, 8]}),
+              run_name="it-mcd-bad")
+
+    # multistep CD; lr ~ 0 so that the exported student must still be the teacher it started from
+    student_cfg = tiny_config(
+        shards,
+        mlflow_server,
+        tmp_path / "runs",
+        **{
+            "objective": cd,
+            "optim.total_steps": 4,
+            "optim.lr": 1e-12,
+            "engine.checkpoint_every": 4,
+            "eval.every": 4,
+            "eval.steps": [2],
+            "tracking.registered_model": "it-fashion-mcd",
+        },
+    )
+    s = train(student_cfg, run_name="it-mcd", output_dir=tmp_path / "out")
+    assert s.steps == 4
+    teacher_version = client.get_model_version_by_alias("it-fashion-diffusion", "champion").version
+    assert client.get_run(s.run_id).data.tags["fewstep.teacher"] == f"models:/it-fashion-diffusion/{teacher_version}"
+    loss = client.get_metric_history(s.run_id, "loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4] and all(math.isfinite(m.value) and m.value > 0 for m in loss)
+    # N_teacher(i) = 8 * 2^(i/4), i = 0..3 -> N_seg = round(N / 2) = 4, 5, 6, 7 -> T = 8, 10, 12, 14
+    assert {m.value for m in client.get_metric_history(s.run_id, "n_teacher")} == {8.0, 10.0, 12.0, 14.0}
+    student = Generator.from_dir(client.download_artifacts(s.run_id, "model/artifacts/model", str(tmp_path / "s")))
+    teacher = Generator.from_dir(client.download_artifacts(t.run_id, "model/artifacts/model", str(tmp_path / "t")))
+    for (k, a), b in zip(student.model.state_dict().items(), teacher.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    student_model = mlflow.pyfunc.load_model("models:/it-fashion-mcd@champion")
+    assert student_model.predict(frame).shape == (2, 32, 32, 1)  # default num_steps = S = 2
+    with pytest.raises(Exception, match=r"num_steps=3 is not available .* student_steps = 2"):
+        student_model.predict(frame, params={"num_steps": 3})

@@ -138,12 +138,26 @@ class TrackingConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    """In-training evaluation on rank 0 (sample grids)."""
+    """In-training evaluation on rank 0: sample grids, and optionally a small-sample FID per step count."""
 
     model_config = ConfigDict(extra="forbid")
     every: int = Field(1000, ge=1, description="Sample a grid from the EMA model every N steps (and at the end).")
     grid_size: int = Field(8, ge=1, description="Grid is grid_size x grid_size images.")
     steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sampling step counts shown.")
+    fid_every: int = Field(
+        0, ge=0,
+        description="Rank 0 computes Inception FID of the EMA model every N steps (and at the end), logged as "
+        "fid_steps_<k> at that step; 0 = off. Other ranks wait at their next collective meanwhile.",
+    )
+    fid_n: int = Field(
+        256, ge=2,
+        description="Generated images per step count. Small on purpose (Inception runs ~6 img/s on one CPU "
+        "thread): an in-training FID is biased upward and only comparable between equal fid_n.",
+    )
+    fid_n_ref: int = Field(
+        1000, ge=2, description="Held-out images (data.test_shards) in the reference statistics, cached once."
+    )
+    fid_steps: list[int] | None = Field(None, description="Step counts evaluated; None = eval.steps.")
 
 
 class TrainConfig(BaseModel):
@@ -179,8 +193,15 @@ class TrainConfig(BaseModel):
                 f"data.num_classes={self.data.num_classes}"
             )
         self.engine.grad_accum(self.optim.batch_size)
-        if self.objective.name == "multistep_cd":
-            raise ValueError("objective.name=multistep_cd needs a teacher, which the engine does not load yet")
+        if self.eval.fid_every and not self.data.test_shards:
+            raise ValueError(f"eval.fid_every={self.eval.fid_every} needs data.test_shards (the FID reference)")
+        if self.objective.name == "multistep_cd" and not self.objective.teacher:
+            raise ValueError(
+                "objective.teacher is required for objective.name=multistep_cd: a registry URI models:/NAME@ALIAS "
+                "or a model directory"
+            )
+        if self.objective.name == "multistep_ct" and self.objective.teacher:
+            raise ValueError("objective.teacher is set, but objective.name=multistep_ct has no teacher: multistep_cd?")
         return self
 
     @property

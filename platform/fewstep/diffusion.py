@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.multistep import XPredictor, sample, sample_times
+from fewstep.multistep import SAMPLERS, XPredictor, sample, sample_times
 from fewstep.vp import VPConfig, alpha_sigma, snr
 
 
@@ -25,7 +25,11 @@ class DiffusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["diffusion"] = "diffusion"
     vp: VPConfig = Field(default_factory=VPConfig)
-    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    distance: Literal["pseudo_huber", "l2", "l2_squared"] = Field(
+        "pseudo_huber",
+        description="Per-sample distance; l2_squared with w = SNR + 1 is the usual v-prediction MSE (the presets' "
+        "choice: the unsquared norms weight small t by 1 / sigma_t).",
+    )
     huber_c: float | None = Field(
         1e-4, ge=0, description="Pseudo-Huber c, as in MultistepConfig; None = iCT's 0.00054 sqrt(D)."
     )
@@ -72,9 +76,15 @@ class DiffusionObjective:
     def steps_available(self) -> str:
         return "any"
 
+    samplers = SAMPLERS
+
+    @property
+    def default_sampler(self) -> str:
+        return self.cfg.sampler
+
     def sample(
         self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, sampler: str | None = None,
     ) -> torch.Tensor:
         self.sample_times(num_steps)
-        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=self.cfg.sampler)
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=sampler or self.cfg.sampler)

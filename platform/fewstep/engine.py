@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import save_file
 
+from fewstep import teacher as teachers
 from fewstep.config import TrainConfig
 from fewstep.distributed import consolidated_state_dict
 from fewstep.faults import DivergenceError
@@ -33,6 +34,7 @@ from fewstep.tracking import (
 from fewstep.worker import TAG, train_loop_per_worker
 
 log = logging.getLogger("fewstep")
+TEACHER_TAG = "fewstep.teacher"
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -49,7 +51,7 @@ def connect_ray(num_cpus: int | None = None) -> None:
         log.info("started a local Ray cluster (%d logical CPUs)", cpus)
 
 
-def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Result:
+def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None) -> ray.train.Result:
     from fewstep.data.storage import absolute_spec, resolve_shards
 
     # Data: workers resolve shards themselves (each rank streams its own, fewstep.data.stream); here the spec is
@@ -57,12 +59,20 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str) -> ray.train.Res
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
     resolve_shards(cfg.data.shards)
     e = cfg.engine
+    # Absolute paths and a pinned teacher version: workers run elsewhere and must all see the same files.
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "teacher": teacher_ref,
+        "fid_reference": resolve_shards(absolute_spec(cfg.data.test_shards)) if cfg.eval.fid_every else None,
+    }
     # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
@@ -86,6 +96,28 @@ def export_model(checkpoint_dir: Path, out: Path) -> Path:
     return out
 
 
+def resolve_teacher(cfg: TrainConfig, uri: str) -> str | None:
+    """multistep_cd: the teacher pinned to a version (or an absolute directory), checked against the config."""
+    ref = getattr(cfg.objective, "teacher", None)
+    if not ref:
+        return None
+    pinned = teachers.pin(ref, uri)
+    teachers.check_compatible(cfg, teachers.teacher_config(pinned, uri))
+    log.info("teacher %s -> %s", ref, pinned)
+    return pinned
+
+
+def record_teacher(run_id: str, pinned: str, uri: str) -> str:
+    """The teacher this MLflow run distils, as a run tag; a resumed run keeps the teacher it started with even
+    if the alias has moved since."""
+    client = MlflowClient(uri)
+    first = client.get_run(run_id).data.tags.get(TEACHER_TAG)
+    if first and first != pinned:
+        log.warning("resuming with the run's original teacher %s (the alias now points at %s)", first, pinned)
+    client.set_tag(run_id, TEACHER_TAG, first or pinned)
+    return first or pinned
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -101,12 +133,15 @@ def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path 
     """Train, track, export the EMA generator, register it, and write a sample grid."""
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(cfg.tracking.uri)
+    teacher_ref = resolve_teacher(cfg, uri)  # before the run exists: a bad teacher is a config error
     run_id = start_or_resume_run(cfg, run_name, uri)
     client = MlflowClient(uri)
     diverged(client, run_id, clear=True)  # a resumed attempt starts clean
+    if teacher_ref:
+        teacher_ref = record_teacher(run_id, teacher_ref, uri)
     connect_ray()
     t0 = time.time()
-    result = fit(cfg, run_name, run_id, uri)
+    result = fit(cfg, run_name, run_id, uri, teacher_ref)
     seconds = time.time() - t0
     if result.error:
         raise result.error

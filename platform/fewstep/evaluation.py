@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from fewstep.config import TrainConfig
 from fewstep.data.shards import iter_samples, resolve_shards
 from fewstep.fid import InceptionFeatures, frechet_distance, reference_stats, stats
+from fewstep.generator import Generator
 
 
 @dataclass
@@ -48,11 +51,12 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def heldout_reference(
-    shards: str, n_ref: int, size: int, features: InceptionFeatures
+    shards: str | list[str], n_ref: int, size: int, features: InceptionFeatures
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inception statistics of the first n_ref held-out images padded to `size`, cached next to the shards;
-    the shards are read only when the cache is missing (reference_stats consumes the generator lazily)."""
-    paths = resolve_shards(shards)
+    the shards are read only when the cache is missing (reference_stats consumes the generator lazily).
+    `shards`: a shard spec (resolve_shards) or a list of .tar paths."""
+    paths = resolve_shards(shards) if isinstance(shards, str) else [str(p) for p in shards]
     cache = Path(paths[0]).parent / f"fid_stats_{n_ref}_{size}px.npz"
 
     def batches():
@@ -65,6 +69,42 @@ def heldout_reference(
     return reference_stats(batches(), cache, features)
 
 
+def fid_per_steps(
+    sample: Callable[[int], np.ndarray],
+    steps: list[int],
+    reference: tuple[np.ndarray, np.ndarray],
+    features: InceptionFeatures,
+) -> dict[int, float]:
+    """{k: FID of sample(k) against the reference (mu, sigma)}; sample(k) -> (n, H, W, C) uint8 in k steps."""
+    return {k: frechet_distance(*stats(features(sample(k))), *reference) for k in steps}
+
+
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+    """Class-balanced labels 0, 1, ..., K-1, 0, ... (or 0..n-1 for an unconditional model's index column)."""
+    return (np.arange(n) % num_classes if num_classes else np.arange(n)).astype(np.int64)
+
+
+class TrainingFID:
+    """Rank 0's periodic FID of the EMA generator: eval.fid_n class-balanced samples per step count against
+    eval.fid_n_ref held-out images (statistics loaded or computed on first use, cached next to the shards)."""
+
+    def __init__(self, cfg: TrainConfig, reference_shards: list[str]):
+        self.cfg = cfg
+        self.shards = reference_shards
+        self.features = InceptionFeatures()  # the worker already set torch's thread count
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, gen: Generator) -> dict[int, float]:
+        e = self.cfg.eval
+        if self.reference is None:
+            self.reference = heldout_reference(self.shards, e.fid_n_ref, self.cfg.data.image_size, self.features)
+        labels = balanced_labels(e.fid_n, self.cfg.network.num_classes) if gen.conditional else None
+        return fid_per_steps(
+            lambda k: gen.generate(e.fid_n, num_steps=k, seed=0, labels=labels),
+            e.fid_steps or self.cfg.eval.steps, self.reference, self.features,
+        )
+
+
 def evaluate(
     uri: str, steps: list[int], n: int, reference_shards: str, n_ref: int, seed: int = 0, log: bool = True
 ) -> Evaluation:
@@ -75,11 +115,10 @@ def evaluate(
     meta = model.metadata.metadata or {}
     k = int(meta.get("num_classes", 0))
     column = "class_label" if k else "index"
-    frame = pd.DataFrame({column: (np.arange(n) % k if k else np.arange(n)).astype(np.int64)})
-    fid = {}
-    for s in steps:
-        images = model.predict(frame, params={"num_steps": s, "seed": seed})
-        fid[s] = frechet_distance(*stats(features(images)), mu_ref, sigma_ref)
+    frame = pd.DataFrame({column: balanced_labels(n, k)})
+    fid = fid_per_steps(
+        lambda s: model.predict(frame, params={"num_steps": s, "seed": seed}), steps, (mu_ref, sigma_ref), features
+    )
     found = model_version(uri)
     name, version = found if found else (None, None)
     run_id = MlflowClient().get_model_version(name, version).run_id if found else None

@@ -57,13 +57,33 @@ class Generator:
         if bad.size:
             raise ValueError(f"class_label {int(bad[0])} is out of range: this model knows classes 0..{k - 1}")
 
+    def check_sampler(self, sampler: str | None) -> str:
+        """The sampler to use: the objective's default for None, else one this objective can run."""
+        allowed = self.objective.samplers
+        if sampler is None or sampler == "":
+            return self.objective.default_sampler
+        if sampler not in allowed:
+            raise ValueError(
+                f"sampler={sampler!r} is not available for this {self.cfg.objective.name} model: choose one of "
+                f"{', '.join(allowed)}"
+            )
+        return sampler
+
     @torch.no_grad()
     def generate(
-        self, n: int, num_steps: int = 1, seed: int = 0, labels: np.ndarray | None = None, batch: int = 256
+        self,
+        n: int,
+        num_steps: int = 1,
+        seed: int = 0,
+        labels: np.ndarray | None = None,
+        batch: int = 256,
+        sampler: str | None = None,
     ) -> np.ndarray:
-        """n images as (n, H, W, C) uint8. Class-conditional models need `labels` (n,) ints."""
+        """n images as (n, H, W, C) uint8. Class-conditional models need `labels` (n,) ints. `sampler`: one of
+        the objective's `samplers` (ddim | addim for VP models, ict for iCT); None = the objective's default."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        sampler = self.check_sampler(sampler)
         if self.conditional:
             if labels is None:
                 raise ValueError("this model is class-conditional: give class_label for every image")
@@ -79,7 +99,7 @@ class Generator:
             m = min(batch, n - start)
             noise = torch.randn((m, c, s, s), generator=gen, device=device)
             y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
-            x = self.objective.sample(self.model, noise, num_steps, y, generator=gen)
+            x = self.objective.sample(self.model, noise, num_steps, y, generator=gen, sampler=sampler)
             out.append(to_uint8(x))
         return np.concatenate(out)
 

@@ -116,10 +116,15 @@ class ICTObjective:
     def steps_available(self) -> str:
         return f"1-{1 + len(self.cfg.sigma_mid)}"
 
+    samplers = ("ict",)  # [CM Alg. 1] with iCT's sigma_mid chain
+    default_sampler = "ict"
+
     def sample(
         self, model: Denoiser, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, sampler: str | None = None,
     ) -> torch.Tensor:
+        if sampler not in (None, "ict"):
+            raise ValueError(f"sampler={sampler!r} is not available for this ict model: choose one of ict")
         return sample(model, noise, self.sample_sigmas(num_steps), labels, self.cfg.edm.sigma_min, generator)
 
 

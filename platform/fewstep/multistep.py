@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fewstep.distances import default_huber_c, get_distance
 from fewstep.vp import VPConfig, addim, alpha_sigma, analytic_x_var, ddim, inv_ddim, snr
 
+SAMPLERS = ("ddim", "addim")  # [MCM Alg. 2] and its aDDIM variant [MCM Alg. 3]
+
 
 class XPredictor(Protocol):
     """f(z_t, t, labels) -> x_hat, e.g. a VPPrecond; t is (B,) in [0, 1]."""
@@ -53,7 +55,18 @@ class MultistepConfig(BaseModel):
         "[MCM Alg. 1]; 'analytic' = 0.1 / (2 + SNR(t)) [MCM Alg. 3]. CT always uses 0 (its teacher is x).",
     )
     sampler: Literal["ddim", "addim"] = Field(
-        "ddim", description="Sampler [MCM Alg. 2]; 'addim' uses the analytic x_var."
+        "ddim", description="Default sampler [MCM Alg. 2]; 'addim' uses the analytic x_var. Serving may override."
+    )
+    teacher: str | None = Field(
+        None,
+        description="multistep_cd only: the diffusion teacher, a registry URI `models:/NAME@ALIAS` (or "
+        "`models:/NAME/VERSION`, resolved with tracking.uri) or a local model directory (weights.safetensors + "
+        "config.yaml). Frozen, eval mode, loaded on every worker.",
+    )
+    init_from_teacher: bool = Field(
+        True,
+        description="multistep_cd: start the student from the teacher's weights (every run in the paper does); "
+        "needs the same network (dropout may differ).",
     )
 
 
@@ -173,12 +186,18 @@ class MultistepObjective:
     def steps_available(self) -> str:
         return str(self.cfg.student_steps)
 
+    samplers = SAMPLERS
+
+    @property
+    def default_sampler(self) -> str:
+        return self.cfg.sampler
+
     def sample(
         self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, sampler: str | None = None,
     ) -> torch.Tensor:
         self.sample_times(num_steps)  # refuses a step count this model was not trained for
-        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=self.cfg.sampler)
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=sampler or self.cfg.sampler)
 
 
 def sample_times(num_steps: int) -> list[float]:
@@ -202,6 +221,8 @@ def sample(
     """Multistep sampling [MCM Alg. 2]: z_1 = noise; for t = 1, ..., 1/S: x_hat = f(z_t, t), z_s = DDIM_{t->s}
     (or aDDIM with x_var: 'analytic' = 0.1 / (2 + SNR(t)), or a constant); returns the last x_hat (S calls).
     clip: clamp each x_hat to the data range [-1, 1] before stepping, as image samplers do."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not a VP sampler: choose one of {', '.join(SAMPLERS)}")
     z_t = noise  # (B, C, H, W); alpha(t_max) ~ 1e-4, so z_1 ~ N(0, I)
     ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)  # (B,)
     times = sample_times(num_steps)

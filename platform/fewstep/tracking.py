@@ -79,10 +79,16 @@ def run_url(uri: str, run_id: str) -> str:
 def signature(cfg: TrainConfig) -> ModelSignature:
     c, s = cfg.data.channels, cfg.data.image_size
     column = "class_label" if cfg.network.num_classes else "index"
+    objective = build_objective(cfg)
+    steps = int(objective.steps_available) if objective.steps_available.isdigit() else 1  # MCM: exactly S
     return ModelSignature(
         inputs=Schema([ColSpec("long", column)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
-        params=ParamSchema([ParamSpec("num_steps", "long", 1), ParamSpec("seed", "long", 0)]),
+        params=ParamSchema([
+            ParamSpec("num_steps", "long", steps),
+            ParamSpec("seed", "long", 0),
+            ParamSpec("sampler", "string", objective.default_sampler),
+        ]),
     )
 
 
@@ -109,6 +115,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
                 "objective": cfg.objective.name,
                 "num_classes": cfg.network.num_classes,
                 "sampling_steps": build_objective(cfg).steps_available,
+                "samplers": ",".join(build_objective(cfg).samplers),
             },
         )
     if not name:

@@ -1,5 +1,5 @@
-"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, data shard, EMA,
-metrics (rank 0), sample grids (rank 0), checkpoints (every rank)."""
+"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, data shard, frozen teacher
+(distillation), EMA, metrics (rank 0), sample grids and FID (rank 0), checkpoints (every rank)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
+from fewstep import teacher as teachers
 from fewstep.config import TrainConfig
 from fewstep.data.stream import TrainStream
 from fewstep.distributed import (
@@ -28,6 +29,7 @@ from fewstep.distributed import (
     gathered,
     warmup_schedule,
 )
+from fewstep.evaluation import TrainingFID
 from fewstep.faults import DebugHooks, DivergenceGuard
 from fewstep.generator import Generator
 from fewstep.images import grid
@@ -45,9 +47,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.engine.threads_per_worker)
     device = ray.train.torch.get_device() if cfg.engine.use_gpu else torch.device("cpu")
 
-    # 1. identical initial weights on every rank, then rank-specific noise streams
+    # 1. identical initial weights on every rank (the teacher's, when distilling with init_from_teacher), then
+    #    rank-specific noise streams. The teacher is small: every rank holds a frozen copy outside DeepSpeed.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    teacher = None
+    if loop_config.get("teacher"):
+        teacher = teachers.load(loop_config["teacher"], loop_config["tracking_uri"], device)
+        if cfg.objective.init_from_teacher:
+            teachers.init_student(model, teacher)
     if cfg.engine.activation_checkpointing:
         enable_activation_checkpointing(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -137,6 +145,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             flush=True,
         )
 
+    fid = TrainingFID(cfg, loop_config["fid_reference"]) if rank == 0 and cfg.eval.fid_every else None
+
+    def log_fid() -> None:
+        gen = Generator(ema.module, cfg)
+        scores = fid(gen)
+        gen.model.train()
+        ts = int(time.time() * 1000)
+        mlflow.log_batch(run_id, metrics=[Metric(f"fid_steps_{k}", v, ts, step) for k, v in scores.items()])
+        print(f"step {step} FID ({cfg.eval.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()),
+              flush=True)
+
     stream = iter(data)
     while step < cfg.optim.total_steps:
         # 3. one micro-batch; DeepSpeed applies the optimizer at every `accum`-th (its global_steps is the truth)
@@ -145,7 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["wait"] += time.perf_counter() - t
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device) if conditional else None
-        loss, info = objective.loss(engine, x, y, step)
+        loss, info = objective.loss(engine, x, y, step, **({"teacher": teacher} if teacher else {}))
         loss = hooks.corrupt(loss)
         # 4. divergence guard: a NaN/inf loss on any rank skips this micro-batch on every rank
         if guard.bad(loss):
@@ -175,6 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter())
         if rank == 0 and step > logged_through and (step % cfg.eval.every == 0 or last):
             log_samples()
+        if fid is not None and step > logged_through and (step % cfg.eval.fid_every == 0 or last):
+            log_fid()
         if step % cfg.engine.checkpoint_every == 0 or last:
             checkpoint({"loss": float(loss.item()), **info})
         hooks.after_step(step)

@@ -1,0 +1,143 @@
+"""The frozen diffusion teacher of multistep consistency distillation [MCM Alg. 1, CD].
+
+`objective.teacher` names it: a registry URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) resolved with the
+run's tracking URI, or a local model directory. Either way the weights are read from `weights.safetensors` +
+`config.yaml` (the export fewstep.generator writes and the registry's `artifacts/model` holds), never unpickled.
+
+The driver pins an alias to its version once (`pin`) and checks the teacher against the student config
+(`check_compatible`) before any worker starts; every worker then loads the pinned teacher itself (`load`): it is
+small, so it is replicated in eval mode without DeepSpeed, and an alias moved mid-run cannot change it.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from fewstep.config import ConfigError, TrainConfig, build_config
+from fewstep.generator import CONFIG, WEIGHTS, Generator
+
+_ALIAS = re.compile(r"models:/([^/@]+)@(.+)")
+_VERSION = re.compile(r"models:/([^/@]+)/(\d+)")
+# Fields of network config that do not change the parameters: the student may train with its own dropout.
+_NO_WEIGHTS = {"dropout"}
+
+
+def is_registry_uri(ref: str) -> bool:
+    return ref.startswith("models:/")
+
+
+def pin(ref: str, tracking_uri: str) -> str:
+    """models:/NAME@ALIAS -> models:/NAME/VERSION (the version the alias points at now); a directory -> its
+    absolute path (Ray workers do not run in the driver's working directory)."""
+    if m := _ALIAS.fullmatch(ref):
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        try:
+            version = client.get_model_version_by_alias(m[1], m[2]).version
+        except MlflowException as e:
+            raise ConfigError(f"objective.teacher={ref!r}: not found in the registry at {tracking_uri}: {e}") from None
+        return f"models:/{m[1]}/{version}"
+    if is_registry_uri(ref) and not _VERSION.fullmatch(ref):
+        raise ConfigError(f"objective.teacher={ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return ref if is_registry_uri(ref) else str(Path(ref).expanduser().resolve())
+
+
+def model_dir(ref: str, tracking_uri: str, dst: str | Path, only_config: bool = False) -> Path:
+    """A directory holding the teacher's weights.safetensors + config.yaml (downloaded for a registry URI)."""
+    if is_registry_uri(ref):
+        import mlflow.artifacts
+
+        m = _VERSION.fullmatch(pin(ref, tracking_uri))
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        source = client.get_model_version_download_uri(m[1], m[2])  # e.g. models:/m-<id> (a LoggedModel)
+        path = f"{source.rstrip('/')}/artifacts/model" + (f"/{CONFIG}" if only_config else "")
+        got = Path(mlflow.artifacts.download_artifacts(path, dst_path=str(dst), tracking_uri=tracking_uri))
+        return got.parent if only_config else got
+    path = Path(ref).expanduser()
+    # accept the export itself, a Ray Train checkpoint (model/), or a downloaded MLflow model (artifacts/model/)
+    for candidate in (path, path / "model", path / "artifacts" / "model"):
+        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    raise ConfigError(
+        f"objective.teacher={ref!r}: not a registry URI and no {WEIGHTS} + {CONFIG} in it, its model/ or "
+        "artifacts/model/"
+    )
+
+
+def teacher_config(ref: str, tracking_uri: str) -> TrainConfig:
+    with tempfile.TemporaryDirectory() as d:
+        path = model_dir(ref, tracking_uri, d, only_config=True) / CONFIG
+        return build_config(yaml.safe_load(path.read_text()), source=f"teacher {ref} {CONFIG}")
+
+
+def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:
+    """The teacher must be a VP diffusion model of the same data and schedule; with init_from_teacher the
+    networks must match field for field (dropout aside). Raises ConfigError naming the field."""
+    o, ref = cfg.objective, cfg.objective.teacher
+    if teacher.objective.name != "diffusion":
+        raise ConfigError(
+            f"objective.teacher={ref!r} is a {teacher.objective.name} model: multistep_cd distills a diffusion "
+            "model (objective.name=diffusion)"
+        )
+    for f in ("image_size", "channels"):
+        if getattr(teacher.data, f) != getattr(cfg.data, f):
+            raise ConfigError(
+                f"data.{f}={getattr(cfg.data, f)} but objective.teacher={ref!r} has {getattr(teacher.data, f)}"
+            )
+    if teacher.network.num_classes not in (0, cfg.network.num_classes):
+        raise ConfigError(
+            f"objective.teacher={ref!r} is conditional on {teacher.network.num_classes} classes but "
+            f"network.num_classes={cfg.network.num_classes}"
+        )
+    # The teacher reads t through its own schedule: a different one would predict x at another noise level.
+    if teacher.objective.vp != o.vp:
+        diff = [k for k, v in o.vp.model_dump().items() if getattr(teacher.objective.vp, k) != v]
+        raise ConfigError(
+            f"objective.vp differs from the teacher's ({', '.join(f'objective.vp.{k}' for k in diff)}): "
+            f"teacher {teacher.objective.vp.model_dump()} vs {o.vp.model_dump()}"
+        )
+    if o.init_from_teacher:
+        student, mine = cfg.network.model_dump(), teacher.network.model_dump()
+        diff = [k for k in student if k not in _NO_WEIGHTS and student[k] != mine[k]]
+        if diff:
+            raise ConfigError(
+                "objective.init_from_teacher=true needs the teacher's network, but "
+                + ", ".join(f"network.{k}={student[k]} (teacher: {mine[k]})" for k in diff)
+                + ": match it or set objective.init_from_teacher=false"
+            )
+
+
+class FrozenTeacher(nn.Module):
+    """x_teacher = teacher(z_t, t, labels): eval mode (no dropout), no gradients; an unconditional teacher
+    ignores the labels."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.model = generator.model.eval().requires_grad_(False)
+        self.conditional = generator.conditional
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # stays in eval mode whatever its owner does
+
+    @torch.no_grad()
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.model(z_t, t, labels if self.conditional else None)
+
+
+def load(ref: str, tracking_uri: str, device: torch.device | str = "cpu") -> FrozenTeacher:
+    """The frozen teacher, on `device`; weights from safetensors only."""
+    with tempfile.TemporaryDirectory() as d:
+        return FrozenTeacher(Generator.from_dir(model_dir(ref, tracking_uri, d), device=str(device)))
+
+
+def init_student(student: nn.Module, teacher: FrozenTeacher) -> None:
+    """Copy the teacher's weights into the student (same network, checked by check_compatible)."""
+    student.load_state_dict(teacher.model.state_dict())
