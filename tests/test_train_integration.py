@@ -7,9 +7,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from fewstep.config import load_config
 from fewstep.engine import train
@@ -113,7 +116,7 @@ def test_resume_continues_from_checkpoint(ray_cluster, mlflow_server, shards, tm
 def test_zero3_bf16_trains_and_exports_a_plain_model(ray_cluster, mlflow_server, shards, tmp_path):
     """ZeRO-3 partitions parameters (EMA must gather them) and bf16 changes the param dtype: the exported
     model is still a plain fp32 state dict that loads without DeepSpeed."""
-    from fewstep.generator import Generator
+    from fewstep.generator import STUDENT_WEIGHTS, WEIGHTS, Generator
 
     cfg = tiny_config(
         shards,
@@ -125,6 +128,7 @@ def test_zero3_bf16_trains_and_exports_a_plain_model(ray_cluster, mlflow_server,
             "optim.total_steps": 6,
             "engine.checkpoint_every": 3,
             "eval.every": 6,
+            "ema.decay": 0.0,  # the EMA export becomes a copy of the parameters rank 0 gathered
             "tracking.registered_model": None,
         },
     )
@@ -137,6 +141,14 @@ def test_zero3_bf16_trains_and_exports_a_plain_model(ray_cluster, mlflow_server,
     assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in gen.model.parameters())
     images = gen.generate(4, num_steps=1, labels=[0, 1, 2, 3])
     assert images.shape == (4, 32, 32, 1) and images.dtype.name == "uint8"
+    # the registered student: zero_to_fp32 merged both ranks' fp32 master partitions into one state_dict;
+    # the bf16 parameters the workers gathered are exactly those masters rounded to bf16
+    student = load_file(str(Path(model_dir) / STUDENT_WEIGHTS))
+    gathered = load_file(str(Path(model_dir) / WEIGHTS))
+    assert student.keys() == gathered.keys() and all(v.dtype == torch.float32 for v in student.values())
+    for k in student:
+        assert torch.equal(student[k].bfloat16().float(), gathered[k]), k
+    assert any(not torch.equal(student[k], gathered[k]) for k in student)  # fp32 precision kept, not bf16
 
 
 def test_multistep_ct_through_the_same_pipeline(ray_cluster, mlflow_server, shards, tmp_path):
