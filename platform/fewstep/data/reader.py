@@ -125,7 +125,9 @@ def shard_dataset(cfg: DataConfig, shards: list[str], epoch: int = 0, expected: 
                   positions: list[int] | None = None) -> ray.data.Dataset:
     """The shards, in this order, as one Ray Dataset with report rows (see module docstring)."""
     source = ShardSource(shards, SampleSpec.from_config(cfg), cfg.on_error, expected, positions)
-    ds = ray.data.read_datasource(source)
+    # One block stream per shard: Ray's default (>= 200 blocks) would split each shard's output into ~100
+    # tiny blocks and run map_batches once per block.
+    ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
     ds.context.enable_progress_bars = False  # per-operator bars flood job logs; rank 0 logs data wait
     return ds.map_batches(to_training_batch, batch_format="numpy",
                           fn_kwargs={"hflip": cfg.hflip, "seed": cfg.shuffle_seed, "epoch": epoch})
