@@ -63,6 +63,9 @@ def mlflow_server(tmp_path_factory):
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        # MLflow 3.17's server also starts a job runner (7 huey consumer processes, ~50 threads) by default;
+        # fewstep submits no server-side jobs, and on a 2-core box they only steal CPU from the tests.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
