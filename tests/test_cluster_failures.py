@@ -52,7 +52,7 @@ def cluster():
         start_local_ray()
 
 
-def wait_for_step(uri: str, run_name: str, step: int, timeout: float = 120) -> str:
+def wait_for_step(uri: str, run_name: str, step: int, timeout: float = 300) -> str:
     """Poll MLflow until the run named `run_name` has logged `loss` at `step`; return its run id."""
     client = MlflowClient(uri)
     deadline = time.time() + timeout
@@ -101,7 +101,7 @@ def test_losing_the_node_that_hosts_a_worker_is_survived(cluster, mlflow_server,
     hosts = training_worker_nodes(c.address)
     victim = next(n for n in nodes if n.node_id in hosts)
     c.remove_node(victim)
-    t.join(timeout=150)
+    t.join(timeout=300)
     assert not t.is_alive(), "training did not finish after the node was removed"
     assert "error" not in out, out.get("error")
     s = out["summary"]
@@ -125,7 +125,7 @@ def test_killed_driver_rerun_with_the_same_run_name_resumes(cluster, mlflow_serv
     deadline = time.time() + 60
     while training_worker_nodes(c.address) and time.time() < deadline:  # the dead job's workers release their CPUs
         time.sleep(0.5)
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Trained 20 steps" in second.stdout
     run_id = wait_for_step(mlflow_server, "it-driver", 20, timeout=5)
