@@ -79,15 +79,20 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=100, help="demo training steps (0 = skip part 3)")
     args = p.parse_args(argv)
 
+    import os
+
     import ray
 
     from fewstep.data.storage import resolve_shards
-    from fewstep.engine import connect_ray
 
     shards = resolve_shards(args.shards)
     wds_ips = plain_webdataset(shards, args.images, 32)
     print(f"plain webdataset, 1 process:        {wds_ips:8.0f} decoded img/s", flush=True)
-    connect_ray()
+    # A fresh local cluster of this benchmark's own (never another user's), 4 logical CPUs like the tests;
+    # workers import fewstep from the same PYTHONPATH as this process.
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR") if k in os.environ}
+    ray.init(address="local", num_cpus=4, object_store_memory=1024**3, include_dashboard=False,
+             runtime_env={"env_vars": env}, log_to_driver=False)
     ray_ips = ray_stream(args.shards, args.images, args.batch)
     print(f"Ray Data TrainStream, 1 rank:       {ray_ips:8.0f} decoded img/s  (ratio {ray_ips / wds_ips:.2f})",
           flush=True)
