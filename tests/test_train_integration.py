@@ -247,5 +247,5 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
     student_model = mlflow.pyfunc.load_model("models:/it-fashion-mcd@champion")
     assert student_model.predict(frame).shape == (2, 32, 32, 1)  # default num_steps = S = 2
-    with pytest.raises(Exception, match=r"num_steps=3 is not available .* student_steps = 2"):
+    with pytest.raises(Exception, match=r"num_steps=3 is not available .*objective.student_steps = 2"):
         student_model.predict(frame, params={"num_steps": 3})
