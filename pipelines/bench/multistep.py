@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     results: dict[str, dict] = {}
     record = {"budget": {k: v for k, v in vars(args).items() if k != "out"}, "runs": results}
 
-    def evaluate(name: str, model: torch.nn.Module, cfg: TrainConfig, steps: list[int], info: dict, **sample) -> None:
+    def evaluate(name: str, model: torch.nn.Module, cfg: TrainConfig, info: dict, steps: list[int], **sample) -> None:
         gen = Generator(model, cfg)
         t = time.perf_counter()
         scores = {k: fid.frechet_distance(*fid.stats(features(gen.generate(args.fid_n, k, 0, labels, **sample))),
@@ -120,8 +120,8 @@ def main(argv: list[str]) -> None:
     print(f"budget: {args.steps} steps x batch {args.batch}, {args.threads} threads, FID {args.fid_n} vs "
           f"{args.ref_n}; network {count_parameters(build_model(tcfg)) / 1e6:.2f}M params", flush=True)
     teacher_model, info = train(tcfg, x, y, args)
-    evaluate("diffusion (DDIM)", teacher_model, tcfg, [8, 32, 128], info)
-    evaluate("diffusion (aDDIM)", teacher_model, tcfg, [8], info, sampler="addim")
+    evaluate("diffusion (DDIM)", teacher_model, tcfg, info, [8, 32, 128])
+    evaluate("diffusion (aDDIM)", teacher_model, tcfg, info, [8], sampler="addim")
     teacher_dir = Generator(teacher_model, tcfg).save(args.out / "teacher")
     teacher = teachers.load(str(teacher_dir), "")
 
