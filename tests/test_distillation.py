@@ -6,22 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_objectives import tiny
 
 from fewstep import teacher as teachers
-from fewstep.config import ConfigError, load_config
+from fewstep.config import ConfigError
 from fewstep.generator import Generator
 from fewstep.objectives import build_model, build_objective
-
-TINY = [
-    "network.num_classes=10",
-    "network.channels=[8, 16]",
-    "network.attention=[false, false]",
-    "network.attention_head_dim=8",
-]
-
-
-def tiny(*sets: str):
-    return load_config(None, None, [*TINY, *sets])
 
 
 @pytest.fixture(scope="module")
