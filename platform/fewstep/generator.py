@@ -22,10 +22,47 @@ CONFIG = "config.yaml"
 class Generator:
     """A denoiser plus the config that says how to sample it."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, text_encoder: nn.Module | None = None):
         self.model = model.eval()
         self.cfg = cfg
         self.objective = build_objective(cfg)
+        self._text_encoder = text_encoder  # text-to-image: the frozen encoder, built on first use if not given
+
+    @property
+    def text(self) -> bool:
+        return self.cfg.text.enabled
+
+    def text_encoder(self) -> nn.Module:
+        if self._text_encoder is None:
+            from fewstep.text import TextEncoder
+
+            self._text_encoder = TextEncoder(self.cfg.text, next(self.model.parameters()).device)
+        return self._text_encoder
+
+    def prompts(self, labels) -> list[str]:
+        """Text-to-image: prompts as given, or integer labels i -> text.eval_prompts[i]."""
+        items = list(np.asarray(labels).reshape(-1).tolist()) if not isinstance(labels, list | tuple) else labels
+        if items and not isinstance(items[0], str):
+            known = self.cfg.text.eval_prompts
+            if not known:
+                raise ValueError("this text-to-image model needs prompts (text.eval_prompts is empty)")
+            items = [known[int(i) % len(known)] for i in items]
+        return [str(p) for p in items]
+
+    def check_guidance(self, guidance: float | None) -> float:
+        """The sampling guidance w: diffusion text models only (a distilled student has its teacher's baked in)."""
+        if guidance is None:
+            return self.cfg.text.guidance if self.text and self.cfg.objective.name == "diffusion" else 1.0
+        if not self.text or self.cfg.objective.name != "diffusion":
+            raise ValueError(
+                f"guidance={guidance} applies to text-to-image diffusion models; this is a "
+                f"{'text-to-image ' if self.text else ''}{self.cfg.objective.name} model"
+                + (f" (distilled with guidance {self.cfg.objective.guidance})"
+                   if self.cfg.objective.name == "multistep_cd" else "")
+            )
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        return float(guidance)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "cpu", weights: str = WEIGHTS) -> Generator:
@@ -49,7 +86,8 @@ class Generator:
 
     @property
     def conditional(self) -> bool:
-        return self.cfg.network.num_classes > 0
+        """Class-conditional or text-to-image: needs a label or a prompt per image."""
+        return self.cfg.network.num_classes > 0 or self.cfg.text.enabled
 
     def check_labels(self, labels: np.ndarray) -> None:
         k = self.cfg.network.num_classes
@@ -78,13 +116,22 @@ class Generator:
         labels: np.ndarray | None = None,
         batch: int = 256,
         sampler: str | None = None,
+        guidance: float | None = None,
     ) -> np.ndarray:
-        """n images as (n, H, W, C) uint8. Class-conditional models need `labels` (n,) ints. `sampler`: one of
-        the objective's `samplers` (ddim | addim for VP models, ict for iCT); None = the objective's default."""
+        """n images as (n, H, W, C) uint8. Class-conditional models need `labels` (n,) ints, text-to-image models
+        n prompts (or ints: text.eval_prompts[i]). `sampler`: one of the objective's `samplers` (ddim | addim
+        for VP models, ict for iCT); None = the objective's default. `guidance`: text-to-image diffusion only."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         sampler = self.check_sampler(sampler)
-        if self.conditional:
+        w = self.check_guidance(guidance)
+        if self.text:
+            if labels is None:
+                raise ValueError("this model is text-to-image: give a prompt for every image")
+            labels = self.prompts(labels)
+            if len(labels) != n:
+                raise ValueError(f"got {len(labels)} prompts for {n} images")
+        elif self.conditional:
             if labels is None:
                 raise ValueError("this model is class-conditional: give class_label for every image")
             labels = np.array(labels, dtype=np.int64).reshape(-1)  # a writable copy for torch
@@ -94,15 +141,25 @@ class Generator:
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(int(seed))
         c, s = self.cfg.data.channels, self.cfg.data.image_size
+        model = self.model
+        if self.text and w != 1.0:
+            from fewstep.text import Guided
+
+            model = Guided(self.model, self.text_encoder(), w)
         out = []
         for start in range(0, n, batch):
             m = min(batch, n - start)
             noise = torch.randn((m, c, s, s), generator=gen, device=device)
-            y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
-            x = self.objective.sample(self.model, noise, num_steps, y, generator=gen, sampler=sampler)
+            if self.text:
+                y = self.text_encoder()(labels[start : start + m])
+            else:
+                y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
+            x = self.objective.sample(model, noise, num_steps, y, generator=gen, sampler=sampler)
             out.append(to_uint8(x))
         return np.concatenate(out)
 
     def grid_labels(self, n: int) -> np.ndarray | None:
-        """Labels for an evaluation grid: row-major, cycling through the classes."""
+        """Labels for an evaluation grid: row-major, cycling through the classes (text: text.eval_prompts)."""
+        if self.text:
+            return self.prompts(np.arange(n)) if self.cfg.text.eval_prompts else [""] * n
         return np.arange(n) % self.cfg.network.num_classes if self.conditional else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -26,6 +25,10 @@ class NetworkConfig(BaseModel):
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every channel count.")
     attention_head_dim: int = Field(32, ge=1, description="Channels per attention head.")
     mid_attention: bool = Field(True, description="Self-attention in the bottleneck block.")
+    # ADM [Dhariwal & Nichol 2021, guided-diffusion `use_scale_shift_norm`, `resblock_updown`], the net of the
+    # ImageNet-64 presets; off = diffusers' UNet2DModel defaults (additive time embedding, conv resampling).
+    scale_shift_norm: bool = Field(False, description="ADM: the time/class embedding scales and shifts GroupNorm.")
+    resblock_updown: bool = Field(False, description="ADM: down/up-sample with residual blocks, not convolutions.")
     noise_embedding_scale: float = Field(
         1000.0, gt=0, description="c_noise is multiplied by this before the sinusoidal embedding [CM code]."
     )
@@ -61,8 +64,13 @@ class UNet(nn.Module):
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
         self.cfg = cfg
-        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
-        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
+        plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else (
+            "DownBlock2D", "UpBlock2D")
+        down = tuple("AttnDownBlock2D" if a else plain_down for a in cfg.attention)
+        up = tuple("AttnUpBlock2D" if a else plain_up for a in reversed(cfg.attention))
+        resample = "resnet" if cfg.resblock_updown else "conv"  # the attention blocks' own resampling
+        from diffusers import UNet2DModel  # imported when a net is built: config readers (every job driver) skip it
+
         self.unet = UNet2DModel(
             sample_size=cfg.image_size,
             in_channels=cfg.in_channels,
@@ -76,6 +84,9 @@ class UNet(nn.Module):
             attention_head_dim=cfg.attention_head_dim,
             num_class_embeds=cfg.num_classes or None,
             add_attention=cfg.mid_attention,
+            resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default",
+            downsample_type=resample,
+            upsample_type=resample,
         )
 
     def forward(
@@ -86,6 +97,48 @@ class UNet(nn.Module):
         t = noise_cond * self.cfg.noise_embedding_scale  # (B,)
         labels = class_labels if self.cfg.num_classes else None
         return self.unet(x, t, class_labels=labels).sample
+
+
+class TextUNet(nn.Module):
+    """F(x, c_noise, cond) for text-to-image: diffusers' UNet2DConditionModel with cross-attention on the text
+    encoder's token states at the `network.attention` levels and in the bottleneck, and the pooled text embedding
+    projected and added to the time embedding (class_embed_type="projection"). cond: fewstep.text.Cond."""
+
+    def __init__(self, cfg: NetworkConfig, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=cfg.image_size,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.in_channels,
+            block_out_channels=tuple(cfg.channels),
+            layers_per_block=cfg.layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_attention else None,
+            dropout=cfg.dropout,
+            norm_num_groups=cfg.norm_groups,
+            # UNet2DConditionModel reads attention_head_dim as the number of heads (diffusers' naming): give heads
+            attention_head_dim=tuple(max(1, c // cfg.attention_head_dim) for c in cfg.channels),
+            cross_attention_dim=text_dim,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=text_dim,
+        )
+
+    def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        if not isinstance(cond, dict):
+            raise ValueError("this network is text-conditioned (text.enabled): pass the text encoder's conditioning")
+        dtype = x.dtype  # bf16/fp16 under mixed precision: the frozen encoder's fp32 outputs follow
+        t = noise_cond * self.cfg.noise_embedding_scale  # (B,)
+        return self.unet(
+            x, t, encoder_hidden_states=cond["states"].to(x.device, dtype),
+            encoder_attention_mask=cond["mask"].to(x.device), class_labels=cond["pooled"].to(x.device, dtype),
+        ).sample
 
 
 def count_parameters(module: nn.Module) -> int:

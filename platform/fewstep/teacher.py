@@ -96,6 +96,19 @@ def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:
             f"objective.teacher={ref!r} is conditional on {teacher.network.num_classes} classes but "
             f"network.num_classes={cfg.network.num_classes}"
         )
+    # A text teacher reads the same encoder's states: the student's encoder settings must be its own.
+    theirs, mine = teacher.text.model_dump(), cfg.text.model_dump()
+    diff = [k for k in ("enabled", "encoder", "dim", "max_length") if theirs[k] != mine[k]]
+    if diff:
+        raise ConfigError(
+            f"objective.teacher={ref!r} has other text conditioning: "
+            + ", ".join(f"text.{k}={mine[k]} (teacher: {theirs[k]})" for k in diff)
+        )
+    if getattr(o, "guidance", 1.0) != 1.0 and teacher.text.caption_dropout == 0:
+        raise ConfigError(
+            f"objective.guidance={o.guidance} needs a teacher trained with caption dropout (its "
+            "text.caption_dropout is 0: it never learned the unconditional prediction)"
+        )
     # The teacher reads t through its own schedule: a different one would predict x at another noise level.
     if teacher.objective.vp != o.vp:
         diff = [k for k, v in o.vp.model_dump().items() if getattr(teacher.objective.vp, k) != v]
