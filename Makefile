@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install fashion-mnist data demo up down test lint clean
+.PHONY: install fashion-mnist data demo demo-t2i up down test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,26 @@ demo: install fashion-mnist data up
 	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
 	  --model models:/fewstep-fashion-ict@champion --steps 1,2 --n 10 --out outputs/demo-samples.png
 	@echo "MLflow UI: http://127.0.0.1:5000   (stop the services with 'make down')"
+
+# Text-to-image demo: varied-caption shards, a text diffusion teacher, its 4-step multistep CD student, grids per
+# prompt. Shrink it with e.g. T2I_SET="--set optim.total_steps=20" (applied to both trainings).
+T2I_DATA := $(CURDIR)/data/fashion-mnist-t2i
+T2I_SET ?=
+T2I_PROMPTS := --prompt "a photo of a sneaker" --prompt "a dark dress" --prompt "a small bag" --prompt "trouser, light"
+T2I_ARGS = --set data.shards=$(T2I_DATA)/train --set data.test_shards=$(T2I_DATA)/test \
+	--set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs $(T2I_SET)
+
+$(T2I_DATA)/train/manifest.json: | install fashion-mnist
+	$(BIN)/python -m pipelines.prepare_data --source fashion-mnist --captions varied --out $(T2I_DATA)
+
+demo-t2i: install fashion-mnist $(T2I_DATA)/train/manifest.json up
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	  python -m pipelines.train --preset fashion-t2i-diffusion $(T2I_ARGS)
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	  python -m pipelines.train --preset fashion-t2i-mcd $(T2I_ARGS)
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
+	  --model models:/fewstep-fashion-t2i-mcd@champion --steps 4 --n 16 --out outputs/demo-t2i.png $(T2I_PROMPTS)
+	@echo "Registered: models:/fewstep-fashion-t2i-diffusion@champion (teacher), models:/fewstep-fashion-t2i-mcd@champion (4 steps)"
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

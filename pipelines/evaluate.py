@@ -1,4 +1,4 @@
-"""python -m pipelines.evaluate --model models:/NAME@ALIAS --steps 1,2 [--n N] [--reference SHARDS]
+"""python -m pipelines.evaluate --model models:/NAME@ALIAS --steps 1,2 [--sampler S] [--n N] [--reference SHARDS]
 
 Inception FID of the model's samples at each step count against the held-out split; logs fid_steps_<k> to
 the model version's run and as registered-model-version tags, with a FID-vs-steps plot.
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
     p.add_argument("--steps", default="1,2", help="comma-separated sampling step counts")
+    p.add_argument("--sampler", help="ddim | addim (multistep / diffusion models), ict (iCT); default: the model's")
     p.add_argument("--n", type=int, default=1000, help="generated images per step count")
     p.add_argument("--n-ref", type=int, default=2000, help="held-out images in the reference statistics")
     p.add_argument("--reference", help="held-out shards; default: the model's data.test_shards")
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         if not reference:
             raise SystemExit("the model's config has no data.test_shards: pass --reference SHARDS")
     steps = [int(s) for s in args.steps.split(",")]
-    ev = evaluate(args.model, steps, args.n, reference, args.n_ref, args.seed, log=not args.no_log)
+    ev = evaluate(
+        args.model, steps, args.n, reference, args.n_ref, args.seed, log=not args.no_log, sampler=args.sampler
+    )
     print(f"FID ({ev.n} samples vs {ev.n_ref} held-out images from {reference}):")
     for s, v in ev.fid.items():
         print(f"  {s} step{'s' if s > 1 else ' '}: {v:.2f}")

@@ -3,7 +3,8 @@
 Writes WebDataset shards (sorted keys, .png/.cls/.txt) + manifest.json (counts, classes, image sizes, sha256
 per shard) for `data.shards` / `data.test_shards`:
 
-  fashion-mnist[:ROOT]      DIR/train, DIR/test  (idx files, default /usr/share/datasets/fashion-mnist)
+  fashion-mnist[:ROOT]      DIR/train, DIR/test  (idx files, default /usr/share/datasets/fashion-mnist;
+                                                  --captions varied: text-to-image captions)
   digits                    DIR/train, DIR/test  (scikit-learn's 8x8 digits; tiny tests)
   imagefolder:PATH          DIR/train            (ImageNet train layout; --image-size, --class-map)
   parquet:PATH_OR_GLOB      DIR/train            (--image-column, --caption-column, --label-column)
@@ -32,7 +33,7 @@ def splits(name: str, arg: str | None, args: argparse.Namespace) -> dict[str, Ca
     """{split: source factory} of `--source NAME[:ARG]`."""
     if name == "fashion-mnist":
         root = arg or "/usr/share/datasets/fashion-mnist"
-        return {s: partial(fashion_mnist_source, s, root) for s in ("train", "test")}
+        return {s: partial(fashion_mnist_source, s, root, args.captions) for s in ("train", "test")}
     if name == "digits":
         return {s: partial(digits_source, s) for s in ("train", "test")}
     if not arg:
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-column", default="image", help="parquet: column of encoded image bytes")
     p.add_argument("--caption-column", default="caption", help="parquet: caption column ('' = none)")
     p.add_argument("--label-column", default=None, help="parquet: class index column (optional)")
+    p.add_argument("--captions", choices=("class", "varied"), default="class",
+                   help="fashion-mnist: 'a photo of a CLASS' or varied templates + measured attributes (text-to-image)")
     p.add_argument("--resize", action="store_true", help="parquet: box-resize to --image-size (default: keep)")
     args = p.parse_args(argv)
     name, arg = args.source

@@ -1,7 +1,8 @@
 """python -m pipelines.sample --model models:/NAME@ALIAS --steps 1[,2] [--sampler ddim|addim|ict] --n 64 --out grid.png
 
 Loads the registered model exactly as a user would (mlflow.pyfunc) and writes one grid row block per
-step count. Class-conditional models cycle through the classes unless --class-label is given.
+step count. Class-conditional models cycle through the classes unless --class-label is given. Text-to-image
+models: one grid per --prompt (repeatable), written as OUT_STEM-<prompt>.png; --guidance for diffusion models.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         "--sampler", help="ddim | addim (multistep / diffusion models), ict (iCT models); default: the model's"
     )
     p.add_argument("--class-label", type=int, help="one class for all images (default: cycle through classes)")
+    p.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (one grid each)")
+    p.add_argument("--guidance", type=float, help="text-to-image diffusion models: classifier-free guidance w")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
@@ -39,14 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     model = mlflow.pyfunc.load_model(args.model)
     signature = model.metadata.get_input_schema()
     column = signature.input_names()[0] if signature else "class_label"
+    steps = [int(s) for s in args.steps.split(",")]
+    params = {"seed": args.seed, **({"sampler": args.sampler} if args.sampler else {})}
+    if column == "prompt":
+        if not args.prompt:
+            p.error("this is a text-to-image model: give --prompt TEXT (repeatable)")
+        params.update({"guidance": args.guidance} if args.guidance is not None else {})
+        cols = math.ceil(math.sqrt(args.n)) if len(steps) == 1 else args.n
+        out = Path(args.out)
+        for text in args.prompt:
+            frame = pd.DataFrame({"prompt": [text] * args.n})
+            blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
+            slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+            path = save_png(grid(np.concatenate(blocks), cols), out.with_name(f"{out.stem}-{slug}{out.suffix}"))
+            print(f"wrote {path} ({text!r}: {len(steps)} x {args.n} images; steps {args.steps})")
+        return 0
     if column == "class_label":
         k = int((model.metadata.metadata or {}).get("num_classes", 10))
         labels = np.full(args.n, args.class_label) if args.class_label is not None else np.arange(args.n) % k
     else:
         labels = np.arange(args.n)
     frame = pd.DataFrame({column: labels.astype(np.int64)})
-    steps = [int(s) for s in args.steps.split(",")]
-    params = {"seed": args.seed, **({"sampler": args.sampler} if args.sampler else {})}
     blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
     cols = math.ceil(math.sqrt(args.n)) if len(steps) == 1 else args.n
     path = save_png(grid(np.concatenate(blocks), cols), args.out)

@@ -62,8 +62,10 @@ def test_offload_needs_the_right_zero_stage_and_reaches_deepspeed():
         cfg_with(zero_stage=0, offload_optimizer=True)
     with pytest.raises(ConfigError, match="engine.offload_params needs engine.zero_stage = 3"):
         cfg_with(zero_stage=2, offload_params=True)
-    zero = deepspeed_config(cfg_with(zero_stage=3, offload_optimizer=True, offload_params=True), 2)["zero_optimization"]
-    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    cfg = cfg_with(zero_stage=3, offload_optimizer=True, offload_params=True, zero3_persist_below=0)
+    zero = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+                    "stage3_param_persistence_threshold": 0}
 
 
 def test_activation_checkpointing_recomputes_without_changing_gradients():
@@ -101,3 +103,22 @@ def test_divergence_guard_counts_and_trips_after_k_in_a_row():
     assert g.bad(torch.tensor(math.inf)) and g.bad(torch.tensor(-math.inf)) and g.diverged
     assert g.skipped == 8  # 5 restored + 3 here
     assert "engine.max_bad_steps=2" in g.message(step=7, last_checkpoint=5)
+
+
+def test_a_job_driver_does_not_import_the_network_library():
+    """Start-up: reading a config or importing the engine on the job driver leaves diffusers (and the transformers
+    it pulls in, ~2-4 s on 2 cores) to the processes that build a network."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, pipelines.train, fewstep.config, fewstep.engine; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": f"{root / 'platform'}:{root}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    cfg = cfg_with()
+    assert build_model(cfg).__class__.__name__ and "diffusers" in sys.modules  # building a net still loads it

@@ -107,9 +107,10 @@ def one_shard(tmp_path_factory):
     return out / "train"
 
 
-def test_exact_resume_matches_a_straight_run_bitwise(ray_cluster, mlflow_server, one_shard, tmp_path):
-    """8 steps straight vs 4 + restart + 4. The checkpoint restores weights, RAdam state, LR schedule, EMA,
-    step (curriculum position) and the rank's RNG; the data order is the same by construction (one_shard).
+def test_stopped_run_resumes_and_matches_a_straight_run_bitwise(ray_cluster, mlflow_server, one_shard, tmp_path):
+    """8 steps straight vs 4 + restart + 4. The restarted job continues the same MLflow run from step 5 (same
+    step counter and N(k)); the checkpoint restores weights, RAdam state, LR schedule, EMA, step (curriculum
+    position), the data position and the rank's RNG; the data order is the same by construction (one_shard).
     Expected bitwise: 1 worker and 1 thread run the same CPU kernels in the same order, and no collective
     reorders a sum (with 2+ workers ZeRO's reductions are still deterministic, but Ray Data's split is not)."""
     import ray.data
@@ -128,11 +129,19 @@ def test_exact_resume_matches_a_straight_run_bitwise(ray_cluster, mlflow_server,
     try:
         straight = train(tiny_config(one_shard, mlflow_server, tmp_path / "a", **sets), "it-straight", tmp_path)
         half = {**sets, "optim.total_steps": 4}
-        train(tiny_config(one_shard, mlflow_server, tmp_path / "b", **half), "it-halves", tmp_path)
+        first = train(tiny_config(one_shard, mlflow_server, tmp_path / "b", **half), "it-halves", tmp_path)
+        # the stopped run's checkpoint carries the data position (shard-level resume, fewstep.data.stream)
+        state = json.loads(max((tmp_path / "b" / "it-halves").glob("checkpoint_*/trainer_state.json")).read_text())
+        assert state["step"] == 4 and state["data"]["num_shards"] == 1 and len(state["data"]["ranks"]) == 1
         resumed = train(tiny_config(one_shard, mlflow_server, tmp_path / "b", **sets), "it-halves", tmp_path)
     finally:
         ctx.execution_options.preserve_order = old
-    assert straight.steps == resumed.steps == 8
+    assert first.steps == 4 and straight.steps == resumed.steps == 8
+    assert resumed.run_id == first.run_id  # the same MLflow run continues
+    assert steps_of(mlflow_server, resumed.run_id, "loss") == list(range(1, 9))  # no step repeated or lost
+    levels = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(resumed.run_id, "n_levels")}
+    # curriculum_steps=20, s0=10, s1=160 -> K' = 4: N(k) doubles every 4 steps, continuing across the restart
+    assert (levels[4], levels[5], levels[8]) == (11.0, 21.0, 21.0)
     for name in (STUDENT_WEIGHTS, WEIGHTS):  # the trained weights, and the EMA
         a = load_file(str(tmp_path / "it-straight" / "model" / name))
         b = load_file(str(tmp_path / "it-halves" / "model" / name))

@@ -1,7 +1,8 @@
 """Every ZeRO stage and offload mode through the same engine code, for real (local Ray, 2 DeepSpeed workers,
 MLflow server): a few steps each, one of them a NaN loss the guard must skip on both ranks; the registered
 student is DeepSpeed's zero_to_fp32 consolidation of the final checkpoint, and it must equal the parameters the
-workers gathered (ema.decay = 0 makes the EMA export a copy of the gathered student)."""
+workers gathered (ema.decay = 0 makes the EMA export a copy of the gathered student). ZeRO-3 runs in bf16: its
+partitioned parameters are bf16, and the export is still a plain fp32 model that loads without DeepSpeed."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ CASES = {
     "zero0": {"engine.zero_stage": 0},
     "zero1-offload-optimizer": {"engine.zero_stage": 1, "engine.offload_optimizer": True},
     "zero2-activation-checkpointing": {"engine.zero_stage": 2, "engine.activation_checkpointing": True},
-    "zero3-offload-params-and-optimizer": {
-        "engine.zero_stage": 3, "engine.offload_params": True, "engine.offload_optimizer": True,
+    "zero3-bf16-offload-params-and-optimizer": {
+        "engine.zero_stage": 3, "engine.precision": "bf16", "engine.offload_params": True,
+        "engine.offload_optimizer": True,
     },
 }
 
@@ -53,8 +55,13 @@ def test_zero_stage_trains_skips_nan_and_consolidates_to_the_gathered_weights(
     model_dir = tmp_path / "out" / f"it-{case}" / "model"
     student, gathered = load_file(str(model_dir / STUDENT_WEIGHTS)), load_file(str(model_dir / WEIGHTS))
     assert student.keys() == gathered.keys()
+    bf16 = cfg.engine.precision == "bf16"
     for k in student:
-        assert student[k].dtype == torch.float32 and torch.equal(student[k], gathered[k]), k
+        assert student[k].dtype == torch.float32 and gathered[k].dtype == torch.float32, k
+        # bf16: the parameters the workers gather are exactly zero_to_fp32's fp32 masters rounded to bf16
+        assert torch.equal(student[k].bfloat16().float() if bf16 else student[k], gathered[k]), k
+    if bf16:  # and the registered student keeps the fp32 masters' precision, not bf16's
+        assert any(not torch.equal(student[k], gathered[k]) for k in student)
     # and it trained: the consolidated weights are not the initial ones (the workers seed the same way)
     torch.manual_seed(cfg.seed)
     initial = build_model(cfg).state_dict()

@@ -7,6 +7,7 @@ the real-image tests share one module-scoped set of features of 104 images (~20 
 from __future__ import annotations
 
 import gzip
+import threading
 import time
 from pathlib import Path
 
@@ -171,6 +172,31 @@ def test_reference_stats_are_cached(tmp_path):
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert sigma.shape == (3, 3)
+
+
+def test_concurrent_writers_of_one_reference_cache_do_not_collide(tmp_path):
+    """Two sweep trials computing the same held-out statistics at once once raced on one temporary file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = fashion_test_images()[:64]
+    cache = tmp_path / "stats.npz"
+    barrier = threading.Barrier(4)
+
+    def write(_):
+        stub = CountingFeatures()
+
+        def features(x):  # every writer computes before any of them renames: the collision window, held open
+            barrier.wait(timeout=30)
+            return stub(x)
+
+        return fid.reference_stats(images, cache, features=features)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(write, range(4)))
+    for mu, sigma in results[1:]:
+        np.testing.assert_array_equal(mu, results[0][0])
+        np.testing.assert_array_equal(sigma, results[0][1])
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]  # no temporary file left behind
 
 
 def test_reference_images_are_padded_like_the_training_data():

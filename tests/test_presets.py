@@ -50,6 +50,10 @@ def test_preset_resolves_and_builds(name):
     k = small.data.num_classes
     x = torch.rand(2, small.data.channels, small.data.image_size, small.data.image_size) * 2 - 1
     labels = torch.tensor([0, k - 1]) if small.network.num_classes else None
+    if small.text.enabled:  # text-to-image presets: the frozen encoder's conditioning instead of class labels
+        from fewstep.text import TextEncoder
+
+        labels = TextEncoder(small.text)(["a photo of a bag", ""])
     extra = {"teacher": build_model(small).eval()} if small.objective.name == "multistep_cd" else {}
     loss, _ = build_objective(small).loss(model, x, labels, step=0, **extra)
     loss.backward()
@@ -60,5 +64,6 @@ def test_preset_resolves_and_builds(name):
     for steps in wanted:
         (obj.sample_sigmas if small.objective.name == "ict" else obj.sample_times)(steps)
     fewest = 1 if small.objective.name == "diffusion" else wanted[0]
-    img = Generator(model, small).generate(1, num_steps=fewest, labels=np.array([1]) if labels is not None else None)
+    prompt = ["a photo of a bag"] if small.text.enabled else np.array([1]) if labels is not None else None
+    img = Generator(model, small).generate(1, num_steps=fewest, labels=prompt)
     assert img.shape == (1, small.data.image_size, small.data.image_size, small.data.channels)

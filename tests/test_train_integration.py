@@ -7,12 +7,9 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
 from fewstep.config import load_config
 from fewstep.engine import train
@@ -33,7 +30,7 @@ def tiny_config(shards, uri, storage, **overrides):
         "optim.total_steps": 20,
         "optim.warmup_steps": 2,
         "objective.curriculum_steps": 20,
-        "objective.s1": 160,  # pinned (not the preset's): the resume test checks N(k) doubling 11 -> 161
+        "objective.s1": 160,  # pinned (not the preset's): test_engine_faults checks N(k) doubling across a resume
         "engine.checkpoint_every": 10,
         "engine.log_every": 1,
         "engine.storage_path": str(storage),
@@ -92,66 +89,6 @@ def test_train_track_register_and_load_in_fresh_process(ray_cluster, mlflow_serv
     assert (shards / "fid_stats_10_32px.npz").is_file()  # reference statistics cached next to the shards
 
 
-def test_resume_continues_from_checkpoint(ray_cluster, mlflow_server, shards, tmp_path):
-    storage = tmp_path / "runs"
-    short = tiny_config(shards, mlflow_server, storage, **{"optim.total_steps": 10})
-    first = train(short, run_name="it-resume", output_dir=tmp_path / "out")
-    assert first.steps == 10
-    # the data position of both ranks rides in the checkpoint (shard-level resume, fewstep.data.stream)
-    state = json.loads(max((storage / "it-resume").glob("checkpoint_*/trainer_state.json")).read_text())
-    assert state["data"]["num_shards"] == 4 and [r["epoch"] for r in state["data"]["ranks"]] == [0, 0]
-    read = MlflowClient(mlflow_server).get_metric_history(first.run_id, "data_samples_read")
-    assert read and read[-1].value >= 10 * 16  # every consumed sample was read (and none skipped)
-    second = train(tiny_config(shards, mlflow_server, storage), run_name="it-resume", output_dir=tmp_path / "out")
-    assert second.run_id == first.run_id  # same MLflow run continues
-    assert second.steps == 20
-    history = MlflowClient(mlflow_server).get_metric_history(first.run_id, "loss")
-    steps = sorted(m.step for m in history)
-    assert steps == list(range(1, 21))  # no step repeated: the second job started at step 11
-    history = MlflowClient(mlflow_server).get_metric_history(first.run_id, "n_levels")
-    levels = {m.step: m.value for m in history}
-    # curriculum_steps=20, s0=10, s1=160 -> K' = 4: N doubles every 4 steps, continuing across the restart
-    assert levels[11] == 41.0 and levels[20] == 161.0
-
-
-def test_zero3_bf16_trains_and_exports_a_plain_model(ray_cluster, mlflow_server, shards, tmp_path):
-    """ZeRO-3 partitions parameters (EMA must gather them) and bf16 changes the param dtype: the exported
-    model is still a plain fp32 state dict that loads without DeepSpeed."""
-    from fewstep.generator import STUDENT_WEIGHTS, WEIGHTS, Generator
-
-    cfg = tiny_config(
-        shards,
-        mlflow_server,
-        tmp_path / "runs",
-        **{
-            "engine.zero_stage": 3,
-            "engine.precision": "bf16",
-            "optim.total_steps": 6,
-            "engine.checkpoint_every": 3,
-            "eval.every": 6,
-            "ema.decay": 0.0,  # the EMA export becomes a copy of the parameters rank 0 gathered
-            "tracking.registered_model": None,
-        },
-    )
-    s = train(cfg, run_name="it-zero3", output_dir=tmp_path / "out")
-    assert s.steps == 6 and s.registered_model is None
-    loss = MlflowClient(mlflow_server).get_metric_history(s.run_id, "loss")
-    assert sorted(m.step for m in loss) == list(range(1, 7)) and all(math.isfinite(m.value) for m in loss)
-    model_dir = MlflowClient(mlflow_server).download_artifacts(s.run_id, "model/artifacts/model", str(tmp_path))
-    gen = Generator.from_dir(model_dir)
-    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in gen.model.parameters())
-    images = gen.generate(4, num_steps=1, labels=[0, 1, 2, 3])
-    assert images.shape == (4, 32, 32, 1) and images.dtype.name == "uint8"
-    # the registered student: zero_to_fp32 merged both ranks' fp32 master partitions into one state_dict;
-    # the bf16 parameters the workers gathered are exactly those masters rounded to bf16
-    student = load_file(str(Path(model_dir) / STUDENT_WEIGHTS))
-    gathered = load_file(str(Path(model_dir) / WEIGHTS))
-    assert student.keys() == gathered.keys() and all(v.dtype == torch.float32 for v in student.values())
-    for k in student:
-        assert torch.equal(student[k].bfloat16().float(), gathered[k]), k
-    assert any(not torch.equal(student[k], gathered[k]) for k in student)  # fp32 precision kept, not bf16
-
-
 def test_multistep_ct_through_the_same_pipeline(ray_cluster, mlflow_server, shards, tmp_path):
     """objective.name selects multistep consistency training; engine, tracking and registry are unchanged."""
     cfg = tiny_config(
@@ -184,6 +121,7 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
     import torch
 
     from fewstep.config import ConfigError
+    from fewstep.evaluation import evaluate
     from fewstep.generator import Generator
 
     client = MlflowClient(mlflow_server)
@@ -219,6 +157,11 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
     assert not np.array_equal(ddim, model.predict(frame, params={"num_steps": 3, "seed": 0, "sampler": "addim"}))
     with pytest.raises(Exception, match=r"sampler='ict' is not available for this diffusion model"):
         model.predict(frame, params={"num_steps": 3, "sampler": "ict"})
+    # a diffusion model's served default is its largest eval step count (eval.steps), not 1
+    assert np.array_equal(model.predict(frame, params={"seed": 0}), model.predict(frame, params={"num_steps": 2}))
+    ev = evaluate("models:/it-fashion-diffusion@champion", [2], n=4, reference_shards=str(shards), n_ref=4,
+                  sampler="addim")
+    assert client.get_metric_history(t.run_id, "fid_steps_2_addim")[0].value == pytest.approx(ev.fid[2])
 
     # a student whose network differs cannot start from the teacher: refused before any run or worker exists
     cd = {"name": "multistep_cd", "teacher": "models:/it-fashion-diffusion@champion", "student_steps": 2,

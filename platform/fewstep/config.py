@@ -19,6 +19,7 @@ from fewstep.faults import DebugConfig
 from fewstep.ict import ICTConfig
 from fewstep.multistep import MultistepConfig
 from fewstep.networks import NetworkConfig
+from fewstep.text import TextConfig
 
 
 class OptimConfig(BaseModel):
@@ -73,6 +74,10 @@ class EngineConfig(BaseModel):
         False, description="ZeRO-Offload: optimizer states and the optimizer step live on CPU (zero_stage >= 1)."
     )
     offload_params: bool = Field(False, description="ZeRO-Infinity: parameters live on CPU (zero_stage = 3).")
+    zero3_persist_below: int = Field(
+        100_000, ge=0, description="ZeRO-3 keeps parameters with fewer elements than this whole on every rank "
+        "(DeepSpeed's stage3_param_persistence_threshold; its default). Small models: lower it, or nothing is sharded."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute UNet block activations in backward: less memory, ~30% more compute."
     )
@@ -176,6 +181,7 @@ class TrainConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    text: TextConfig = Field(default_factory=TextConfig, description="Text-to-image conditioning (fewstep.text).")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -193,6 +199,10 @@ class TrainConfig(BaseModel):
                 f"data.num_classes={self.data.num_classes}"
             )
         self.engine.grad_accum(self.optim.batch_size)
+        if self.text.enabled and self.network.num_classes:
+            raise ValueError("text.enabled needs network.num_classes=0: a text-to-image model is conditioned on text")
+        if getattr(self.objective, "guidance", 1.0) != 1.0 and not self.text.enabled:
+            raise ValueError("objective.guidance is classifier-free guidance of a text teacher: it needs text.enabled")
         if self.eval.fid_every and not self.data.test_shards:
             raise ValueError(f"eval.fid_every={self.eval.fid_every} needs data.test_shards (the FID reference)")
         if self.objective.name == "multistep_cd" and not self.objective.teacher:

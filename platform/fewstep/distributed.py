@@ -38,6 +38,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if e.offload_params:
         zero["offload_param"] = {"device": "cpu"}
+    if e.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = e.zero3_persist_below
     return {
         "train_batch_size": cfg.optim.batch_size,
         "train_micro_batch_size_per_gpu": micro,

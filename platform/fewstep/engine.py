@@ -51,7 +51,10 @@ def connect_ray(num_cpus: int | None = None) -> None:
         log.info("started a local Ray cluster (%d logical CPUs)", cpus)
 
 
-def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None) -> ray.train.Result:
+def fit(
+    cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None, callbacks: list = ()
+) -> ray.train.Result:
+    """One Ray Train run; `callbacks` are Train V2 UserCallbacks (a sweep forwards reports to Tune with one)."""
     from fewstep.data.storage import absolute_spec, resolve_shards
 
     # Data: workers resolve shards themselves (each rank streams its own, fewstep.data.stream); here the spec is
@@ -82,6 +85,7 @@ def fit(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str
             storage_path=os.path.expanduser(e.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=e.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     return trainer.fit()

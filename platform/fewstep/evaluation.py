@@ -106,8 +106,11 @@ class TrainingFID:
 
 
 def evaluate(
-    uri: str, steps: list[int], n: int, reference_shards: str, n_ref: int, seed: int = 0, log: bool = True
+    uri: str, steps: list[int], n: int, reference_shards: str, n_ref: int, seed: int = 0, log: bool = True,
+    sampler: str | None = None,
 ) -> Evaluation:
+    """FID of a registered model at each step count; `sampler` (ddim | addim | ict) overrides the model's default
+    and suffixes the logged names (fid_steps_<k>_<sampler>) so runs of different samplers do not overwrite."""
     features = InceptionFeatures()
     model = mlflow.pyfunc.load_model(uri)
     size = model.metadata.get_output_schema().inputs[0].shape[1]  # (-1, H, W, C)
@@ -116,18 +119,20 @@ def evaluate(
     k = int(meta.get("num_classes", 0))
     column = "class_label" if k else "index"
     frame = pd.DataFrame({column: balanced_labels(n, k)})
+    extra = {"sampler": sampler} if sampler else {}
     fid = fid_per_steps(
-        lambda s: model.predict(frame, params={"num_steps": s, "seed": seed}), steps, (mu_ref, sigma_ref), features
+        lambda s: model.predict(frame, params={"num_steps": s, "seed": seed, **extra}),
+        steps, (mu_ref, sigma_ref), features,
     )
     found = model_version(uri)
     name, version = found if found else (None, None)
     run_id = MlflowClient().get_model_version(name, version).run_id if found else None
     if log and run_id:
-        record(fid, n, n_ref, name, version, run_id)
+        record(fid, n, n_ref, name, version, run_id, suffix=f"_{sampler}" if sampler else "")
     return Evaluation(fid, n, n_ref, name, version, run_id)
 
 
-def record(fid: dict[int, float], n: int, n_ref: int, name: str, version: str, run_id: str) -> None:
+def record(fid: dict[int, float], n: int, n_ref: int, name: str, version: str, run_id: str, suffix: str = "") -> None:
     """fid_steps_<k> as metrics of the version's run and as version tags, plus a FID-vs-steps plot."""
     import matplotlib
 
@@ -136,8 +141,8 @@ def record(fid: dict[int, float], n: int, n_ref: int, name: str, version: str, r
 
     client = MlflowClient()
     for s, v in fid.items():
-        client.log_metric(run_id, f"fid_steps_{s}", v)
-        client.set_model_version_tag(name, version, f"fid_steps_{s}", f"{v:.3f}")
+        client.log_metric(run_id, f"fid_steps_{s}{suffix}", v)
+        client.set_model_version_tag(name, version, f"fid_steps_{s}{suffix}", f"{v:.3f}")
     client.set_model_version_tag(name, version, "fid_samples", f"{n} generated vs {n_ref} held-out")
     fig, ax = plt.subplots(figsize=(4, 3))
     xs = sorted(fid)
@@ -146,6 +151,6 @@ def record(fid: dict[int, float], n: int, n_ref: int, name: str, version: str, r
     ax.set_xticks(xs, [str(s) for s in xs])
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as d:
-        fig.savefig(Path(d) / "fid_vs_steps.png", dpi=100)
-        client.log_artifact(run_id, str(Path(d) / "fid_vs_steps.png"), "evaluation")
+        fig.savefig(Path(d) / f"fid_vs_steps{suffix}.png", dpi=100)
+        client.log_artifact(run_id, str(Path(d) / f"fid_vs_steps{suffix}.png"), "evaluation")
     plt.close(fig)

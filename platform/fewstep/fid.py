@@ -21,6 +21,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from fewstep.data.shards import write_atomic
+
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 
@@ -192,7 +194,5 @@ def reference_stats(
     batches = [images] if isinstance(images, np.ndarray) else images
     mu, sigma = stats(np.concatenate([features(b) for b in batches]))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp.npz")  # atomic: a killed run leaves no half cache
-    np.savez(tmp, mu=mu, sigma=sigma)
-    tmp.replace(cache_path)
+    write_atomic(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))  # no half cache, no writers' collision
     return mu, sigma

@@ -63,6 +63,13 @@ class MultistepConfig(BaseModel):
         "`models:/NAME/VERSION`, resolved with tracking.uri) or a local model directory (weights.safetensors + "
         "config.yaml). Frozen, eval mode, loaded on every worker.",
     )
+    guidance: float = Field(
+        1.0, ge=0,
+        description="multistep_cd of a text-to-image teacher: classifier-free guidance w of the teacher's "
+        "x-prediction, x_teacher = x_uncond + w (x_cond - x_uncond) (fewstep.text.Guided); 1 = unguided. The "
+        "paper's 'guidance 0.5 / 3', if in the (1 + w') x_c - w' x_u convention of Ho & Salimans eq. 6 (assumed), "
+        "is w = 1.5 / 4 here.",
+    )
     init_from_teacher: bool = Field(
         True,
         description="multistep_cd: start the student from the teacher's weights (every run in the paper does); "

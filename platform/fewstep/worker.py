@@ -47,6 +47,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.engine.threads_per_worker)
     device = ray.train.torch.get_device() if cfg.engine.use_gpu else torch.device("cpu")
 
+    # 0. data first: this rank's stream starts reading (resumed at shard granularity, fewstep.data.stream) while
+    #    the model and DeepSpeed are set up
+    ckpt = ray.train.get_checkpoint()
+    data_state = None
+    if ckpt:
+        with ckpt.as_directory() as d:
+            data_state = json.loads((Path(d) / STATE).read_text()).get("data")
+    micro = deepspeed_config(cfg, world)["train_micro_batch_size_per_gpu"]
+    data = TrainStream(cfg.data, rank, world, micro, resume=data_state).start()
+
     # 1. identical initial weights on every rank (the teacher's, when distilling with init_from_teacher), then
     #    rank-specific noise streams. The teacher is small: every rank holds a frozen copy outside DeepSpeed.
     torch.manual_seed(cfg.seed)
@@ -56,6 +66,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         teacher = teachers.load(loop_config["teacher"], loop_config["tracking_uri"], device)
         if cfg.objective.init_from_teacher:
             teachers.init_student(model, teacher)
+    text = None
+    if cfg.text.enabled:  # text-to-image: a frozen encoder on every rank; CD guides the teacher with it
+        from fewstep.text import Guided, TextEncoder
+
+        text = TextEncoder(cfg.text, device)
+        if teacher is not None:
+            teacher = Guided(teacher, text, cfg.objective.guidance)
     if cfg.engine.activation_checkpointing:
         enable_activation_checkpointing(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -68,18 +85,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed * 1000 + rank)
     objective = build_objective(cfg)
     ema = AveragedModel(build_model(cfg), multi_avg_fn=ema_update(cfg.ema.decay)) if rank == 0 else None
-    micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
 
     # 2. resume: DeepSpeed state (weights, optimizer, scheduler), EMA, step counter, RNG of this rank
-    step, skipped, data_state = 0, 0, None
-    ckpt = ray.train.get_checkpoint()
+    step, skipped = 0, 0
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
             state = json.loads((Path(d) / STATE).read_text())
             step, skipped = state["step"], int(state.get("skipped_steps", 0))
-            data_state = state.get("data")
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
             if ema is not None:
                 ema.module.load_state_dict(load_file(str(Path(d) / "model" / "weights.safetensors")))
@@ -95,8 +109,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     saved = step  # the last checkpoint this run can fall back to
     guard = DivergenceGuard(cfg.engine.max_bad_steps, world, skipped)
     hooks = DebugHooks(cfg.engine.debug, rank, Path(os.path.expanduser(cfg.engine.storage_path)), run_id)
-    # data: this rank's shards of each epoch, resumed at shard granularity (fewstep.data.stream)
-    data = TrainStream(cfg.data, rank, world, micro, resume=data_state)
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     conditional = cfg.network.num_classes > 0
 
@@ -118,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log_samples() -> None:
-        gen = Generator(ema.module, cfg)
+        gen = Generator(ema.module, cfg, text)
         n = cfg.eval.grid_size**2
         for k in cfg.eval.steps:
             imgs = gen.generate(n, num_steps=k, seed=0, labels=gen.grid_labels(n))
@@ -146,13 +158,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     fid = TrainingFID(cfg, loop_config["fid_reference"]) if rank == 0 and cfg.eval.fid_every else None
+    last_fid: dict[str, float] = {}  # the latest FID rides in every later checkpoint report (Tune ranks trials by it)
 
     def log_fid() -> None:
-        gen = Generator(ema.module, cfg)
+        gen = Generator(ema.module, cfg, text)
         scores = fid(gen)
         gen.model.train()
         ts = int(time.time() * 1000)
         mlflow.log_batch(run_id, metrics=[Metric(f"fid_steps_{k}", v, ts, step) for k, v in scores.items()])
+        last_fid.update({f"fid_steps_{k}": v for k, v in scores.items()})
         print(f"step {step} FID ({cfg.eval.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()),
               flush=True)
 
@@ -164,6 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["wait"] += time.perf_counter() - t
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device) if conditional else None
+        if text is not None:  # caption dropout from this rank's torch stream (seeded, saved in checkpoints)
+            y = text.condition(batch["caption"], cfg.text.caption_dropout)
         loss, info = objective.loss(engine, x, y, step, **({"teacher": teacher} if teacher else {}))
         loss = hooks.corrupt(loss)
         # 4. divergence guard: a NaN/inf loss on any rank skips this micro-batch on every rank
@@ -197,5 +213,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if fid is not None and step > logged_through and (step % cfg.eval.fid_every == 0 or last):
             log_fid()
         if step % cfg.engine.checkpoint_every == 0 or last:
-            checkpoint({"loss": float(loss.item()), **info})
+            checkpoint({"loss": float(loss.item()), **info, **last_fid})
         hooks.after_step(step)

@@ -10,6 +10,7 @@ shard-level resume, stream.py) and what was skipped (MLflow, max_skip_fraction) 
 Columns after `to_training_batch` (one row per sample, plus one report row per shard):
   image: float32 (C, S, S) in [-1, 1], centre-padded with -1, flipped per data.hflip
   label: int64 class index in [0, num_classes); 0 when num_classes == 0
+  caption: str, the sample's caption member (.txt; "" when it has none), for text-to-image models
   pos:   int32 position of the row's shard in the read order;  report: str, "" for samples
 `build_dataset` drops report rows and returns exactly image and label.
 """
@@ -17,12 +18,14 @@ Columns after `to_training_batch` (one row per sample, plus one report row per s
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -31,6 +34,7 @@ from fewstep.data.samples import SampleSpec, Tally, read_tar
 from fewstep.data.storage import is_remote, open_input, read_text, resolve_shards
 
 ROWS_PER_BLOCK = 256
+TARGET_BLOCK_BYTES = 1 << 20  # emitted blocks of ~1 MiB: ~1000 Fashion-MNIST or ~80 ImageNet-64 rows
 
 
 def _pad(image: np.ndarray, size: int) -> np.ndarray:
@@ -42,13 +46,14 @@ def _pad(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _block(rows: list[tuple[np.ndarray, int, int, str]], pos: int) -> Any:
+def _block(rows: list[tuple[np.ndarray, int, int, str, str]], pos: int) -> Any:
     return BlockAccessor.batch_to_block({
         "image": np.stack([r[0] for r in rows]),
         "label": np.array([r[1] for r in rows], np.int64),
         "keyhash": np.array([r[2] for r in rows], np.uint32),
         "pos": np.full(len(rows), pos, np.int32),
         "report": np.array([r[3] for r in rows], dtype=object),
+        "caption": np.array([r[4] for r in rows], dtype=object),
     })
 
 
@@ -60,12 +65,12 @@ def read_shard(uri: str, pos: int, spec: SampleSpec, on_error: Literal["fail", "
     with open_input(uri) as f:
         for s in read_tar(f, uri, spec, on_error, tally, expected):
             cls = s["cls"] if spec.num_classes and s["cls"] is not None else 0
-            rows.append((_pad(s["image"], size), cls, zlib.crc32(s["key"].encode()), ""))
+            rows.append((_pad(s["image"], size), cls, zlib.crc32(s["key"].encode()), "", s["txt"] or ""))
             if len(rows) == ROWS_PER_BLOCK:
                 yield _block(rows, pos)
                 rows = []
     report = json.dumps({"pos": pos, "shard": uri, "tally": dict(tally)})
-    rows.append((np.zeros((channels, size, size), np.uint8), 0, 0, report))
+    rows.append((np.zeros((channels, size, size), np.uint8), 0, 0, report, ""))
     yield _block(rows, pos)
 
 
@@ -118,7 +123,29 @@ def to_training_batch(batch: dict[str, np.ndarray], hflip: bool = False, seed: i
     if hflip:
         flip = flip_mask(batch["keyhash"], seed, epoch)
         image[flip] = image[flip, :, :, ::-1]
-    return {"image": image, "label": batch["label"], "pos": batch["pos"], "report": batch["report"]}
+    out = {"image": image, "label": batch["label"], "pos": batch["pos"], "report": batch["report"]}
+    if "caption" in batch:
+        out["caption"] = batch["caption"]
+    return out
+
+
+class IdlePollThrottle(ExecutionCallback):
+    """Bounds the CPU of Ray Data's scheduling loop while a slow consumer (a training step) backpressures it.
+
+    Ray 2.60's StreamingExecutor waits with `ray.wait(active tasks, timeout=0.1)`; a streaming read task whose
+    next output is ready but held back by output backpressure is returned as ready at once, so the loop spins
+    at 100% of a core for as long as training is slower than reading (always, on CPU). One core per rank is a
+    third of this box: measured with `python -m pipelines.bench train`, 2 workers ran at 0.9x of 1 worker.
+    A loop step that finds output already queued for the consumer is followed by a short sleep; while the
+    consumer waits for data (empty output queue) the loop runs at full speed, so reading throughput is kept.
+    """
+
+    SLEEP_S = 0.02
+
+    def on_execution_step(self, executor) -> None:
+        idling = getattr(executor, "_consumer_idling", None)  # private in Ray 2.60: without it, never sleep
+        if idling is not None and not idling():
+            time.sleep(self.SLEEP_S)
 
 
 def shard_dataset(cfg: DataConfig, shards: list[str], epoch: int = 0, expected: dict[str, int] | None = None,
@@ -127,8 +154,12 @@ def shard_dataset(cfg: DataConfig, shards: list[str], epoch: int = 0, expected: 
     source = ShardSource(shards, SampleSpec.from_config(cfg), cfg.on_error, expected, positions)
     # One block stream per shard: Ray's default (>= 200 blocks) would split each shard's output into ~100
     # tiny blocks and run map_batches once per block.
-    ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
+    ds = ray.data.read_datasource(source, override_num_blocks=len(shards), concurrency=cfg.read_tasks)
     ds.context.enable_progress_bars = False  # per-operator bars flood job logs; rank 0 logs data wait
+    # Ray Data merges a read task's yielded blocks up to target_max_block_size (128 MiB) before emitting one: a
+    # whole 10k-image shard would be decoded before its first row reaches training (~10 s to the first step).
+    ds.context.target_max_block_size = TARGET_BLOCK_BYTES
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdlePollThrottle]
     return ds.map_batches(to_training_batch, batch_format="numpy",
                           fn_kwargs={"hflip": cfg.hflip, "seed": cfg.shuffle_seed, "epoch": epoch})
 
@@ -146,7 +177,9 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     shards = resolve_shards(spec)
     ds = shard_dataset(cfg, shards, expected=manifest_counts(shards))
-    return ds.filter(expr="report == ''").select_columns(["image", "label"])
+    from ray.data.expressions import col
+
+    return ds.filter(expr=col("report") == "").select_columns(["image", "label"])
 
 
 __all__ = ["ShardSource", "build_dataset", "is_remote", "manifest_counts", "shard_dataset", "to_training_batch"]

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ from PIL import Image
 from fewstep.data.samples import SampleSpec, ShardError, Tally, decode_sample, read_tar
 from fewstep.data.storage import open_input, resolve_shards
 
-__all__ = ["ShardError", "decode_sample", "iter_samples", "resolve_shards", "write_shards", "write_shard"]
+__all__ = [
+    "ShardError", "decode_sample", "iter_samples", "resolve_shards", "write_atomic", "write_shards", "write_shard",
+]
 MANIFEST = "manifest.json"
 
 
@@ -50,10 +53,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: Path, write) -> str:
-    """Run write(file) into a hidden temp file beside `path`, then rename: a killed run leaves no half
-    shard under the final name (and the temp name does not end in .tar, so no reader picks it up)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_atomic(path: Path, write) -> str:
+    """Run write(file) into a hidden temp file beside `path`, then rename; returns the sha256 of what was written.
+    A killed run leaves no half file under the final name (the temp name does not end in .tar, so no reader picks
+    it up), and concurrent writers of one path (two sweep trials caching one FID reference) each have their own
+    temp file: the last rename wins."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -92,7 +97,7 @@ def write_shard(path: str | Path, samples: list[dict]) -> dict:
                 if s.get("txt") is not None:
                     _add_member(tar, f"{key}.txt", str(s["txt"]).encode("utf-8"))
 
-    digest = _write_atomic(path, write)
+    digest = write_atomic(path, write)
     shapes = Counter("x".join(map(str, np.shape(s["image"]) + (() if np.ndim(s["image"]) == 3 else (1,))))
                      for s in samples)
     classes = Counter(str(int(s["cls"])) for s in samples if s.get("cls") is not None)
@@ -123,7 +128,7 @@ def write_manifest(out_dir: str | Path, prefix: str, entries: list[dict], meta: 
         "image_sizes": [{"shape_hwc": [int(d) for d in k.split("x")], "samples": n} for k, n in shapes.most_common()],
         "shards": [{k: e[k] for k in ("name", "samples", "sha256")} for e in entries],
     }
-    _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
+    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
     return manifest
 
 

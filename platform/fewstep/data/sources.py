@@ -37,6 +37,31 @@ def caption(class_name: str) -> str:
     return f"a photo of a {class_name}"
 
 
+# Varied text-to-image captions for Fashion-MNIST: a template and attributes measured on the image itself (tone
+# from the mean of the garment's pixels, size from its area), chosen per sample key by a hash, so that shards stay
+# reproducible. Thresholds: the train split's terciles of each measure.
+CAPTION_TEMPLATES = (
+    "a photo of a {tone} {cls}",
+    "a {size} {tone} {cls}",
+    "a grayscale picture of a {cls}",
+    "a product photo of a {size} {cls}",
+    "{cls}, {tone}",
+)
+
+
+def varied_caption(class_name: str, image: np.ndarray, key: str) -> str:
+    """One of CAPTION_TEMPLATES for this sample (by crc32 of its key) filled with the class and attributes of
+    the image: tone dark/gray/light (mean of its non-zero pixels), size small/medium/large (their area)."""
+    import zlib
+
+    fg = image[image > 0]
+    mean, area = (float(fg.mean()) if fg.size else 0.0), fg.size / image.size
+    tone = "dark" if mean < 128 else "gray" if mean < 171 else "light"
+    size = "small" if area < 0.41 else "medium" if area < 0.59 else "large"
+    template = CAPTION_TEMPLATES[zlib.crc32(key.encode()) % len(CAPTION_TEMPLATES)]
+    return template.format(cls=class_name, tone=tone, size=size)
+
+
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(
@@ -56,8 +81,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return data.reshape(shape)
 
 
-def fashion_mnist(split: Literal["train", "test"], root: str | Path = FASHION_MNIST_ROOT) -> Iterator[dict]:
-    """Fashion-MNIST (60k train / 10k test, 28x28 grayscale, 10 classes, MIT) from its idx.gz files."""
+def fashion_mnist(split: Literal["train", "test"], root: str | Path = FASHION_MNIST_ROOT,
+                  captions: Literal["class", "varied"] = "class") -> Iterator[dict]:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grayscale, 10 classes, MIT) from its idx.gz files. Captions:
+    "class" = `caption(class)`, "varied" = `varied_caption` (templates and measured attributes; text-to-image)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     stem = "train" if split == "train" else "t10k"
@@ -67,12 +94,9 @@ def fashion_mnist(split: Literal["train", "test"], root: str | Path = FASHION_MN
     if len(images) != len(labels):
         raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        yield {
-            "key": f"fmnist-{split}-{i:06d}",
-            "image": image,
-            "cls": int(label),
-            "txt": caption(FASHION_MNIST_CLASSES[label]),
-        }
+        key, name = f"fmnist-{split}-{i:06d}", FASHION_MNIST_CLASSES[label]
+        text = varied_caption(name, image, key) if captions == "varied" else caption(name)
+        yield {"key": key, "image": image, "cls": int(label), "txt": text}
 
 
 # ------------------------------------------------------------------------- sources for parallel conversion
@@ -88,15 +112,17 @@ class Source:
     meta: dict = field(default_factory=dict)
 
 
-def _fashion_load(items: list[int], split: str, root: str) -> Iterator[dict]:
-    samples = list(fashion_mnist(split, root))  # ~50 ms per task: the idx files are small
+def _fashion_load(items: list[int], split: str, root: str, captions: str = "class") -> Iterator[dict]:
+    samples = list(fashion_mnist(split, root, captions))  # ~50 ms per task: the idx files are small
     return (samples[i] for i in items)
 
 
-def fashion_mnist_source(split: Literal["train", "test"], root: str | Path = FASHION_MNIST_ROOT) -> Source:
+def fashion_mnist_source(split: Literal["train", "test"], root: str | Path = FASHION_MNIST_ROOT,
+                         captions: Literal["class", "varied"] = "class") -> Source:
     n = 60000 if split == "train" else 10000
-    return Source(f"fashion-mnist-{split}", list(range(n)), partial(_fashion_load, split=split, root=str(root)),
-                  {"class_names": list(FASHION_MNIST_CLASSES)})
+    return Source(f"fashion-mnist-{split}", list(range(n)),
+                  partial(_fashion_load, split=split, root=str(root), captions=captions),
+                  {"class_names": list(FASHION_MNIST_CLASSES), "captions": captions})
 
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
