@@ -58,6 +58,21 @@ class NetworkConfig(BaseModel):
         return self
 
 
+def shared_unet_args(cfg: NetworkConfig, down: tuple[str, ...], up: tuple[str, ...]) -> dict:
+    """The constructor arguments diffusers' UNet2DModel and UNet2DConditionModel take alike from the config."""
+    return dict(
+        sample_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        block_out_channels=tuple(cfg.channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        dropout=cfg.dropout,
+        norm_num_groups=cfg.norm_groups,
+    )
+
+
 class UNet(nn.Module):
     """F(x, c_noise, class_labels) -> same shape as x."""
 
@@ -72,15 +87,7 @@ class UNet(nn.Module):
         from diffusers import UNet2DModel  # imported when a net is built: config readers (every job driver) skip it
 
         self.unet = UNet2DModel(
-            sample_size=cfg.image_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
-            block_out_channels=tuple(cfg.channels),
-            layers_per_block=cfg.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
-            dropout=cfg.dropout,
-            norm_num_groups=cfg.norm_groups,
+            **shared_unet_args(cfg, down, up),
             attention_head_dim=cfg.attention_head_dim,
             num_class_embeds=cfg.num_classes or None,
             add_attention=cfg.mid_attention,
@@ -112,16 +119,8 @@ class TextUNet(nn.Module):
         from diffusers import UNet2DConditionModel
 
         self.unet = UNet2DConditionModel(
-            sample_size=cfg.image_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
-            block_out_channels=tuple(cfg.channels),
-            layers_per_block=cfg.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
+            **shared_unet_args(cfg, down, up),
             mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_attention else None,
-            dropout=cfg.dropout,
-            norm_num_groups=cfg.norm_groups,
             # UNet2DConditionModel reads attention_head_dim as the number of heads (diffusers' naming): give heads
             attention_head_dim=tuple(max(1, c // cfg.attention_head_dim) for c in cfg.channels),
             cross_attention_dim=text_dim,
