@@ -82,6 +82,19 @@ def ray_cluster():
     ray.shutdown()
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Poll `url` until it answers; a process that exits or a timeout raises with the tail of its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{what} did not start: {log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend (the registry needs a database)."""
@@ -99,17 +112,11 @@ def mlflow_server(tmp_path_factory):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                log = (root / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server did not start: {log}") from None
-            time.sleep(0.5)
+    try:
+        wait_until_up(f"{uri}/health", proc, root / "server.log", timeout=90, what="mlflow server")
+    except RuntimeError:
+        proc.kill()
+        raise
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_until_up
 from PIL import Image
 
 pytestmark = pytest.mark.integration
@@ -57,16 +56,8 @@ def server(registered, mlflow_server, tmp_path_factory):
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow models serve did not start: {log.read_text()[-3000:]}") from None
-                time.sleep(1)
+        wait_until_up(f"{url}/ping", proc, log, timeout=180, what="mlflow models serve")
         yield url
     finally:
         if proc.poll() is None:
