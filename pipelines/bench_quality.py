@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fewstep import fid
 from fewstep.config import OptimConfig
-from fewstep.distributed import build_optimizer, warmup_schedule
+from fewstep.distributed import build_optimizer, lr_schedule
 from fewstep.edm import EDMConfig, EDMPrecond
 from fewstep.ict import ICTConfig, ICTObjective, sample
 from fewstep.images import grid, save_png, to_uint8
@@ -71,12 +71,15 @@ def parse() -> argparse.Namespace:
     a("--norm-groups", type=int, default=8)
     a("--head-dim", type=int, default=32)
     a("--dropout", type=float, default=0.0)
+    a("--scale-shift", type=int, default=0, help="network.scale_shift_norm (ADM adaptive GroupNorm)")
+    a("--resblock-updown", type=int, default=0, help="network.resblock_updown")
     a("--noise-scale", type=float, default=1000.0, help="network.noise_embedding_scale")
     # optimizer
     a("--optim", choices=["adam", "radam", "adamw"], default="adam")
     a("--lr", type=float, default=5e-4)
     a("--beta2", type=float, default=0.999)
     a("--warmup", type=int, default=50)
+    a("--decay-frac", type=float, default=0.0, help="Linear lr decay to 0 over this last fraction (needs --max-steps).")
     a("--batch", type=int, default=64)
     a("--ema", type=float, nargs="+", default=[0.99], help="EMA decays per step (eval only); several = sweep.")
     # objective
@@ -107,13 +110,17 @@ def main() -> None:
         channels=args.channels, attention=attention, layers_per_block=args.layers, dropout=args.dropout,
         num_classes=10, norm_groups=args.norm_groups, attention_head_dim=args.head_dim,
         mid_attention=bool(args.mid_attention), noise_embedding_scale=args.noise_scale,
+        scale_shift_norm=bool(args.scale_shift), resblock_updown=bool(args.resblock_updown),
     )
     edm_cfg = EDMConfig(sigma_max=args.sigma_max)
     model = EDMPrecond(UNet(net_cfg), edm_cfg)
+    if args.decay_frac and not args.max_steps:
+        raise SystemExit("--decay-frac needs --max-steps (the decay ends at the last step)")
     optim_cfg = OptimConfig(name=args.optim, lr=args.lr, betas=(0.9, args.beta2), warmup_steps=args.warmup,
-                            batch_size=args.batch)
+                            batch_size=args.batch, total_steps=args.max_steps or 10**9,
+                            decay_steps=int(args.decay_frac * (args.max_steps or 0)))
     opt = build_optimizer(model.parameters(), optim_cfg)
-    sched = warmup_schedule(opt, args.warmup)
+    sched = lr_schedule(opt, optim_cfg)
     emas = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in args.ema}
     ict_cfg = ICTConfig(edm=edm_cfg, s0=args.s0, s1=args.s1, p_mean=args.p_mean, p_std=args.p_std,
                         huber_c=args.huber_c, sigma_mid=args.sigma_mid[:1] or [0.821])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fewstep.config import ConfigError, build_config
-from fewstep.distributed import deepspeed_config, enable_activation_checkpointing
+from fewstep.config import ConfigError, OptimConfig, build_config
+from fewstep.distributed import deepspeed_config, enable_activation_checkpointing, lr_schedule
 from fewstep.faults import DivergenceGuard
 from fewstep.objectives import build_model
 
@@ -122,3 +122,21 @@ def test_a_job_driver_does_not_import_the_network_library():
     assert out.stdout.strip().splitlines()[-1] == "[]"
     cfg = cfg_with()
     assert build_model(cfg).__class__.__name__ and "diffusers" in sys.modules  # building a net still loads it
+
+
+def test_lr_warms_up_holds_then_decays_linearly_to_zero_at_the_last_step():
+    def lrs(**kw) -> list[float]:
+        cfg = OptimConfig(lr=1.0, warmup_steps=4, total_steps=20, **kw)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched, out = lr_schedule(opt, cfg), []
+        for _ in range(cfg.total_steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    constant = lrs()
+    assert constant[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and constant[-1] == 1.0  # iCT: constant
+    decayed = lrs(decay_steps=10)
+    assert decayed[:10] == constant[:10]  # warm-up and the stable phase are unchanged
+    assert decayed[10:] == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])  # (total - step) / decay

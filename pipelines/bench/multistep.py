@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fewstep import fid
 from fewstep import teacher as teachers
 from fewstep.config import TrainConfig, load_config
-from fewstep.distributed import build_optimizer, warmup_schedule
+from fewstep.distributed import build_optimizer, lr_schedule
 from fewstep.evaluation import balanced_labels
 from fewstep.generator import Generator
 from fewstep.networks import count_parameters
@@ -74,7 +74,7 @@ def train(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, args: argparse.Nam
     if teacher is not None and cfg.objective.init_from_teacher:
         teachers.init_student(model, teacher)
     opt = build_optimizer(model.parameters(), cfg.optim)
-    sched = warmup_schedule(opt, cfg.optim.warmup_steps)
+    sched = lr_schedule(opt, cfg.optim)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay))
     objective = build_objective(cfg)
     extra = {"teacher": teacher} if teacher is not None else {}

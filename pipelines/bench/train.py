@@ -61,14 +61,14 @@ def bare_loop_images_per_s(cfg: TrainConfig, steps: int) -> float:
     """The same step without the platform: one process, in-memory tensors, plain torch optimizer and EMA."""
     from torch.optim.swa_utils import AveragedModel
 
-    from fewstep.distributed import build_optimizer, ema_update, warmup_schedule
+    from fewstep.distributed import build_optimizer, ema_update, lr_schedule
     from fewstep.objectives import build_model, build_objective
 
     torch.set_num_threads(cfg.engine.threads_per_worker)
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = build_optimizer(model.parameters(), cfg.optim)
-    sched = warmup_schedule(opt, cfg.optim.warmup_steps)
+    sched = lr_schedule(opt, cfg.optim)
     ema = AveragedModel(build_model(cfg), multi_avg_fn=ema_update(cfg.ema.decay))
     objective = build_objective(cfg)
     b, c, s = cfg.optim.batch_size, cfg.data.channels, cfg.data.image_size

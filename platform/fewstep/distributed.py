@@ -21,9 +21,17 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
     return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak lr, then constant (iCT trains at a constant lr)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr, then constant (iCT trains at a constant lr); with `decay_steps`, a linear
+    decay to 0 over the last `decay_steps` of `total_steps` (warm-up / stable / decay, for short budgets)."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.decay_steps == 0:
+            return warm
+        return min(warm, max(0.0, (cfg.total_steps - step) / cfg.decay_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:

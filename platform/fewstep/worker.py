@@ -27,7 +27,7 @@ from fewstep.distributed import (
     ema_update,
     enable_activation_checkpointing,
     gathered,
-    warmup_schedule,
+    lr_schedule,
 )
 from fewstep.evaluation import TrainingFID
 from fewstep.faults import DebugHooks, DivergenceGuard
@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=warmup_schedule(optimizer, cfg.optim.warmup_steps),
+        lr_scheduler=lr_schedule(optimizer, cfg.optim),
         config=deepspeed_config(cfg, world),
     )
     torch.manual_seed(cfg.seed * 1000 + rank)
