@@ -118,7 +118,7 @@ def main() -> None:
         raise SystemExit("--decay-frac needs --max-steps (the decay ends at the last step)")
     optim_cfg = OptimConfig(name=args.optim, lr=args.lr, betas=(0.9, args.beta2), warmup_steps=args.warmup,
                             batch_size=args.batch, total_steps=args.max_steps or 10**9,
-                            decay_steps=int(args.decay_frac * (args.max_steps or 0)))
+                            decay_fraction=args.decay_frac)
     opt = build_optimizer(model.parameters(), optim_cfg)
     sched = lr_schedule(opt, optim_cfg)
     emas = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in args.ema}

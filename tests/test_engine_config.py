@@ -137,6 +137,6 @@ def test_lr_warms_up_holds_then_decays_linearly_to_zero_at_the_last_step():
 
     constant = lrs()
     assert constant[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and constant[-1] == 1.0  # iCT: constant
-    decayed = lrs(decay_steps=10)
+    decayed = lrs(decay_fraction=0.5)  # the last 10 of 20 steps
     assert decayed[:10] == constant[:10]  # warm-up and the stable phase are unchanged
     assert decayed[10:] == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])  # (total - step) / decay

@@ -31,8 +31,8 @@ class OptimConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
-    decay_steps: int = Field(
-        0, ge=0, description="Linear decay of the lr to 0 over the last this many of total_steps; 0 = constant (iCT)."
+    decay_fraction: float = Field(
+        0.0, ge=0, le=1, description="Linear lr decay to 0 over this last fraction of total_steps; 0 = constant (iCT)."
     )
     grad_clip: float = Field(0.0, ge=0, description="Global grad-norm clip; 0 = off.")
     batch_size: int = Field(1024, ge=1, description="Global batch (all workers, all accumulation steps).")

@@ -22,14 +22,16 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak lr, then constant (iCT trains at a constant lr); with `decay_steps`, a linear
-    decay to 0 over the last `decay_steps` of `total_steps` (warm-up / stable / decay, for short budgets)."""
+    """Linear warm-up to the peak lr, then constant (iCT trains at a constant lr); with `decay_fraction`, a linear
+    decay to 0 over that last fraction of `total_steps` (warm-up / stable / decay, for short budgets). A fraction, so
+    that `--set optim.total_steps=...` keeps the schedule's shape."""
+    decay = round(cfg.decay_fraction * cfg.total_steps)
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        if cfg.decay_steps == 0:
+        if decay == 0:
             return warm
-        return min(warm, max(0.0, (cfg.total_steps - step) / cfg.decay_steps))
+        return min(warm, max(0.0, (cfg.total_steps - step) / decay))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
