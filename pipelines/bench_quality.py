@@ -73,6 +73,7 @@ def parse() -> argparse.Namespace:
     a("--dropout", type=float, default=0.0)
     a("--scale-shift", type=int, default=0, help="network.scale_shift_norm (ADM adaptive GroupNorm)")
     a("--resblock-updown", type=int, default=0, help="network.resblock_updown")
+    a("--zero-init", type=int, default=0, help="network.zero_init (ADM zero-initialised residual outputs)")
     a("--noise-scale", type=float, default=1000.0, help="network.noise_embedding_scale")
     # optimizer
     a("--optim", choices=["adam", "radam", "adamw"], default="adam")
@@ -111,6 +112,7 @@ def main() -> None:
         num_classes=10, norm_groups=args.norm_groups, attention_head_dim=args.head_dim,
         mid_attention=bool(args.mid_attention), noise_embedding_scale=args.noise_scale,
         scale_shift_norm=bool(args.scale_shift), resblock_updown=bool(args.resblock_updown),
+        zero_init=bool(args.zero_init),
     )
     edm_cfg = EDMConfig(sigma_max=args.sigma_max)
     model = EDMPrecond(UNet(net_cfg), edm_cfg)

@@ -135,3 +135,27 @@ def test_sampler_step_counts_and_errors():
     assert calls == pytest.approx([80.0, 0.821])
     with pytest.raises(ValueError, match="num_steps=3"):
         obj.sample_sigmas(3)
+
+
+def test_zero_init_starts_every_residual_branch_and_the_output_at_zero_so_f_is_c_skip_x():
+    """network.zero_init (ADM's zero_module): F = 0 at initialisation, so f(x, sigma) = c_skip(sigma) x exactly,
+    and one optimizer step moves it (the zeroed layers still receive gradients)."""
+    from fewstep.networks import NetworkConfig, UNet
+
+    cfg = dict(image_size=8, channels=[8, 8], attention=[False, True], attention_head_dim=8, num_classes=3)
+    torch.manual_seed(0)
+    plain = UNet(NetworkConfig(**cfg))
+    zeroed = UNet(NetworkConfig(**cfg, zero_init=True))
+    x, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    noise_cond = torch.full((4,), 0.25 * math.log(2.0))
+    assert plain(x, noise_cond, labels).abs().max() > 0
+    assert zeroed(x, noise_cond, labels).abs().max() == 0
+    f = EDMPrecond(zeroed, EDM)
+    sigma = torch.full((4,), 2.0)
+    assert torch.allclose(f(x, sigma, labels), c_skip(sigma, EDM).view(-1, 1, 1, 1) * x)
+
+    opt = torch.optim.Adam(zeroed.parameters(), lr=1e-2)
+    zeroed(x, noise_cond, labels).sub(1.0).pow(2).mean().backward()
+    opt.step()
+    assert zeroed(x, noise_cond, labels).abs().max() > 0
+

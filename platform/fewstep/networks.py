@@ -32,6 +32,10 @@ class NetworkConfig(BaseModel):
     noise_embedding_scale: float = Field(
         1000.0, gt=0, description="c_noise is multiplied by this before the sinusoidal embedding [CM code]."
     )
+    # ADM's `zero_module` [Dhariwal & Nichol 2021], EDM's `init_zero` [Karras et al. 2022], NCSN++'s init_scale 0:
+    # the last conv of every residual block, every attention output projection and the output conv start at zero,
+    # so each block starts as the identity and F as 0 (f = c_skip x). diffusers' UNet2DModel does not do this.
+    zero_init: bool = Field(False, description="Zero-initialise residual-branch outputs and the output conv (ADM).")
 
     @model_validator(mode="after")
     def _check(self) -> NetworkConfig:
@@ -73,6 +77,21 @@ def shared_unet_args(cfg: NetworkConfig, down: tuple[str, ...], up: tuple[str, .
     )
 
 
+def zero_init_residuals(unet: nn.Module) -> None:
+    """Zero the output layer of every residual branch (ResnetBlock2D.conv2, Attention.to_out[0]) and the UNet's
+    conv_out: the initialisation of the papers' networks (NetworkConfig.zero_init)."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    layers = [m.conv2 for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    layers += [m.to_out[0] for m in unet.modules() if isinstance(m, Attention)]
+    layers.append(unet.conv_out)
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
 class UNet(nn.Module):
     """F(x, c_noise, class_labels) -> same shape as x."""
 
@@ -95,6 +114,8 @@ class UNet(nn.Module):
             downsample_type=resample,
             upsample_type=resample,
         )
+        if cfg.zero_init:
+            zero_init_residuals(self.unet)
 
     def forward(
         self, x: torch.Tensor, noise_cond: torch.Tensor, class_labels: torch.Tensor | None = None
