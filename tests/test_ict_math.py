@@ -159,3 +159,11 @@ def test_zero_init_starts_every_residual_branch_and_the_output_at_zero_so_f_is_c
     opt.step()
     assert zeroed(x, noise_cond, labels).abs().max() > 0
 
+
+def test_zero_init_applies_to_the_text_unet_too():
+    from fewstep.networks import NetworkConfig, TextUNet
+
+    cfg = NetworkConfig(image_size=8, channels=[8, 8], attention=[False, True], attention_head_dim=8, zero_init=True)
+    net = TextUNet(cfg, text_dim=16)
+    cond = {"states": torch.randn(2, 3, 16), "mask": torch.ones(2, 3, dtype=torch.bool), "pooled": torch.randn(2, 16)}
+    assert net(torch.randn(2, 1, 8, 8), torch.zeros(2), cond).abs().max() == 0

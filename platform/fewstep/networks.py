@@ -148,6 +148,8 @@ class TextUNet(nn.Module):
             class_embed_type="projection",
             projection_class_embeddings_input_dim=text_dim,
         )
+        if cfg.zero_init:
+            zero_init_residuals(self.unet)
 
     def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
                 ) -> torch.Tensor:
