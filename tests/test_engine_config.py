@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fewstep.config import ConfigError, OptimConfig, build_config
-from fewstep.distributed import deepspeed_config, enable_activation_checkpointing, lr_schedule
+from fewstep.distributed import deepspeed_config, enable_activation_checkpointing
+from fewstep.optim import lr_schedule
 from fewstep.faults import DivergenceGuard
 from fewstep.objectives import build_model
 

@@ -14,14 +14,9 @@ import yaml
 from fewstep.config import build_config
 from fewstep.generator import Generator
 from fewstep.objectives import build_model, build_objective
+from fewstep.objectives import capabilities
 from pipelines import train
 from pipelines.presets import available
-
-STEP_PRESETS = {"fashion-mct", "fashion-diffusion", "fashion-mcd", "imagenet64-mct", "imagenet64-mcd"}
-
-
-def test_the_step_budget_presets_exist():
-    assert STEP_PRESETS <= set(available())
 
 
 @pytest.mark.parametrize("name", available())
@@ -54,16 +49,15 @@ def test_preset_resolves_and_builds(name):
         from fewstep.text import TextEncoder
 
         labels = TextEncoder(small.text)(["a photo of a bag", ""])
-    extra = {"teacher": build_model(small).eval()} if small.objective.name == "multistep_cd" else {}
+    extra = {"teacher": build_model(small).eval()} if capabilities(small).teacher == "required" else {}
     loss, _ = build_objective(small).loss(model, x, labels, step=0, **extra)
     loss.backward()
     assert torch.isfinite(loss)
     # every step count the preset samples is one its objective accepts; sample the fewest for real (diffusion: 1)
-    obj = build_objective(small)
+    caps = capabilities(small)
     wanted = sorted({*small.eval.steps, *(small.eval.fid_steps or [])})
-    for steps in wanted:
-        (obj.sample_sigmas if small.objective.name == "ict" else obj.sample_times)(steps)
-    fewest = 1 if small.objective.name == "diffusion" else wanted[0]
+    assert all(k in caps.steps for k in wanted), (wanted, str(caps.steps))
+    fewest = caps.steps.lo
     prompt = ["a photo of a bag"] if small.text.enabled else np.array([1]) if labels is not None else None
     img = Generator(model, small).generate(1, num_steps=fewest, labels=prompt)
     assert img.shape == (1, small.data.image_size, small.data.image_size, small.data.channels)

@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
     loaded: dict[str, Generator] = {}
     for name, ref, steps, w in runs:
         gen = loaded.setdefault(ref, load(ref))
-        k = steps or int(gen.objective.steps_available)
+        k = steps or gen.capabilities.steps.default([])
         t = time.perf_counter()
         labels = np.repeat(np.arange(10), args.per_class)
         images = gen.generate(len(labels), num_steps=k, seed=0, labels=[PROMPTS[i] for i in labels], guidance=w)

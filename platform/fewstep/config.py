@@ -8,44 +8,22 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fewstep import objectives
 from fewstep.data.config import DataConfig
-from fewstep.diffusion import DiffusionConfig
+from fewstep.evaluation import EvalConfig
 from fewstep.faults import DebugConfig
-from fewstep.ict import ICTConfig
-from fewstep.multistep import MultistepConfig
 from fewstep.networks import NetworkConfig
+from fewstep.optim import EMAConfig, OptimConfig
 from fewstep.text import TextConfig
+from fewstep.tracking import TrackingConfig
 
-
-class OptimConfig(BaseModel):
-    """Optimizer and run length. iCT: RAdam, lr 1e-4, batch 1024, 400k iterations."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["radam", "adam", "adamw"] = "radam"
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
-    decay_fraction: float = Field(
-        0.0, ge=0, le=1, description="Linear lr decay to 0 over this last fraction of total_steps; 0 = constant (iCT)."
-    )
-    grad_clip: float = Field(0.0, ge=0, description="Global grad-norm clip; 0 = off.")
-    batch_size: int = Field(1024, ge=1, description="Global batch (all workers, all accumulation steps).")
-    total_steps: int = Field(400_000, ge=1, description="Optimizer steps of the whole run.")
-
-
-class EMAConfig(BaseModel):
-    """Evaluation EMA of the student weights; never the teacher [iCT]."""
-
-    model_config = ConfigDict(extra="forbid")
-    decay: float = Field(
-        0.99993, ge=0, lt=1, description="Per-step decay; half-life = ln(0.5)/ln(decay) steps (iCT CIFAR-10)."
-    )
+__all__ = ["ConfigError", "EMAConfig", "EngineConfig", "EvalConfig", "OptimConfig", "TrackingConfig", "TrainConfig",
+           "build_config", "load_config"]
 
 
 class FP16Config(BaseModel):
@@ -61,9 +39,14 @@ class FP16Config(BaseModel):
 
 
 class EngineConfig(BaseModel):
-    """How the single-device model is distributed: Ray Train workers running DeepSpeed."""
+    """How the single-device model is trained: Ray Train workers running DeepSpeed, or one local process."""
 
     model_config = ConfigDict(extra="forbid")
+    backend: Literal["deepspeed", "local"] = Field(
+        "deepspeed",
+        description="deepspeed: Ray Train workers, each a DeepSpeed engine (ZeRO, precision, offload). local: this "
+        "process alone, a plain torch optimizer, the same training step (benchmarks, quick experiments).",
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; CPU uses gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves in Ray.")
@@ -99,6 +82,15 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
+        if self.backend == "local":
+            unsupported = {"num_workers": self.num_workers != 1, "use_gpu": self.use_gpu,
+                           "precision": self.precision != "fp32", "offload_optimizer": self.offload_optimizer,
+                           "offload_params": self.offload_params, "max_failures": self.max_failures != 0}
+            bad = [k for k, v in unsupported.items() if v]
+            if bad:
+                fields = ", ".join(f"engine.{k}" for k in bad)
+                raise ValueError(f"engine.backend=local runs one fp32 process on the CPU: {fields} need "
+                                 "engine.backend=deepspeed")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload)")
         if self.offload_params and self.zero_stage != 3:
@@ -120,54 +112,6 @@ class EngineConfig(BaseModel):
         return global_batch // (micro * self.num_workers)
 
 
-class TrackingConfig(BaseModel):
-    """MLflow tracking and registry."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri: str | None = Field(
-        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
-    )
-    experiment: str = Field("fewstep", description="MLflow experiment name.")
-    registered_model: str | None = Field(
-        None, description="Model Registry name; None = do not register."
-    )
-    alias: str = Field(
-        "champion",
-        description="Alias set on the newly registered version. MLflow reserves `latest`: the newest "
-        "version is always `models:/NAME/latest` without an alias.",
-    )
-
-    @field_validator("alias")
-    @classmethod
-    def _not_reserved(cls, v: str) -> str:
-        if v.lower() == "latest" or (v.lower().startswith("v") and v[1:].isdigit()):
-            raise ValueError(f"MLflow reserves the alias {v!r}; use models:/NAME/latest for the newest version")
-        return v
-
-
-class EvalConfig(BaseModel):
-    """In-training evaluation on rank 0: sample grids, and optionally a small-sample FID per step count."""
-
-    model_config = ConfigDict(extra="forbid")
-    every: int = Field(1000, ge=1, description="Sample a grid from the EMA model every N steps (and at the end).")
-    grid_size: int = Field(8, ge=1, description="Grid is grid_size x grid_size images.")
-    steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sampling step counts shown.")
-    fid_every: int = Field(
-        0, ge=0,
-        description="Rank 0 computes Inception FID of the EMA model every N steps (and at the end), logged as "
-        "fid_steps_<k> at that step; 0 = off. Other ranks wait at their next collective meanwhile.",
-    )
-    fid_n: int = Field(
-        256, ge=2,
-        description="Generated images per step count. Small on purpose (Inception runs ~6 img/s on one CPU "
-        "thread): an in-training FID is biased upward and only comparable between equal fid_n.",
-    )
-    fid_n_ref: int = Field(
-        1000, ge=2, description="Held-out images (data.test_shards) in the reference statistics, cached once."
-    )
-    fid_steps: list[int] | None = Field(None, description="Step counts evaluated; None = eval.steps.")
-
-
 class TrainConfig(BaseModel):
     """Everything a training run needs; saved with every run and logged to MLflow."""
 
@@ -176,8 +120,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
-    objective: Annotated[ICTConfig | MultistepConfig | DiffusionConfig, Field(discriminator="name")] = Field(
-        default_factory=ICTConfig, description="ict | multistep_ct | multistep_cd | diffusion"
+    objective: objectives.ObjectiveConfig = Field(
+        default_factory=lambda: objectives.objective_class("ict").config(),
+        description="The training objective, selected by objective.name (fewstep.objectives registry).",
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
@@ -204,22 +149,29 @@ class TrainConfig(BaseModel):
         self.engine.grad_accum(self.optim.batch_size)
         if self.text.enabled and self.network.num_classes:
             raise ValueError("text.enabled needs network.num_classes=0: a text-to-image model is conditioned on text")
-        if getattr(self.objective, "guidance", 1.0) != 1.0 and not self.text.enabled:
-            raise ValueError("objective.guidance is classifier-free guidance of a text teacher: it needs text.enabled")
+        self.objective.check_with(self)
         if self.eval.fid_every and not self.data.test_shards:
             raise ValueError(f"eval.fid_every={self.eval.fid_every} needs data.test_shards (the FID reference)")
-        if self.objective.name == "multistep_cd" and not self.objective.teacher:
-            raise ValueError(
-                "objective.teacher is required for objective.name=multistep_cd: a registry URI models:/NAME@ALIAS "
-                "or a model directory"
-            )
-        if self.objective.name == "multistep_ct" and self.objective.teacher:
-            raise ValueError("objective.teacher is set, but objective.name=multistep_ct has no teacher: multistep_cd?")
         return self
 
     @property
     def data_dim(self) -> int:
         return self.data.channels * self.data.image_size**2
+
+
+def _objective_union() -> Any:
+    """The registered objective configs as one union discriminated by `name`."""
+    classes = tuple(objectives.config_classes())
+    return Annotated[Union[classes], Field(discriminator="name")] if len(classes) > 1 else classes[0]  # noqa: UP007
+
+
+def _rebuild_objective_field() -> None:
+    TrainConfig.model_fields["objective"].annotation = _objective_union()
+    TrainConfig.model_rebuild(force=True)
+
+
+_rebuild_objective_field()
+objectives.on_register(_rebuild_objective_field)  # an objective registered later (a plugin, a test) is known too
 
 
 class ConfigError(ValueError):

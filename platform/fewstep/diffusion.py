@@ -12,17 +12,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from torch import nn
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.multistep import SAMPLERS, XPredictor, sample, sample_times
-from fewstep.vp import VPConfig, alpha_sigma, snr
+from fewstep.multistep import SAMPLERS, XPredictor, sample
+from fewstep.objectives import Capabilities, Objective, ObjectiveConfig, StepCounts, register
+from fewstep.vp import VPConfig, VPPrecond, alpha_sigma, snr
 
 
-class DiffusionConfig(BaseModel):
+class DiffusionConfig(ObjectiveConfig):
     """Diffusion objective and sampler settings."""
 
-    model_config = ConfigDict(extra="forbid")
     name: Literal["diffusion"] = "diffusion"
     vp: VPConfig = Field(default_factory=VPConfig)
     distance: Literal["pseudo_huber", "l2", "l2_squared"] = Field(
@@ -38,13 +39,26 @@ class DiffusionConfig(BaseModel):
     )
 
 
-class DiffusionObjective:
+@register("diffusion")
+class DiffusionObjective(Objective):
     """L = E_t[w(t) d(f(z_t, t), x)], t ~ U(t_min, t_max), w = SNR + 1."""
 
+    config = DiffusionConfig
+
     def __init__(self, cfg: DiffusionConfig, data_dim: int, total_steps: int | None = None):
-        self.cfg = cfg
+        super().__init__(cfg, data_dim, total_steps)
         self.distance = get_distance(cfg.distance)
         self.c = cfg.huber_c if cfg.huber_c is not None else default_huber_c(data_dim)
+
+    @classmethod
+    def precondition(cls, net: nn.Module, cfg: DiffusionConfig) -> nn.Module:
+        return VPPrecond(net, cfg.vp)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # a diffusion model samples in any number of steps k >= 1 (t = 1, (k-1)/k, ..., 1/k) and can be a teacher
+        return Capabilities(steps=StepCounts(1, None), samplers=SAMPLERS, default_sampler=self.cfg.sampler,
+                            family="vp", role="diffusion", guidance=True)
 
     def loss(
         self,
@@ -68,23 +82,10 @@ class DiffusionObjective:
         w = snr(t, vp) + 1.0  # (B,)
         return (w * self.distance(x_hat, x, self.c)).mean(), {}
 
-    def sample_times(self, num_steps: int) -> list[float]:
-        """t = 1, (k-1)/k, ..., 1/k: a diffusion model samples in any number of steps k >= 1."""
-        return sample_times(num_steps)
-
-    @property
-    def steps_available(self) -> str:
-        return "any"
-
-    samplers = SAMPLERS
-
-    @property
-    def default_sampler(self) -> str:
-        return self.cfg.sampler
-
     def sample(
         self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None, sampler: str | None = None,
+        sampler: str | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        self.sample_times(num_steps)
-        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=sampler or self.cfg.sampler)
+        self.capabilities.steps.check(num_steps)
+        return sample(model, noise, num_steps, labels, self.cfg.vp,
+                      sampler=self.capabilities.check_sampler(sampler, "diffusion"))

@@ -1,10 +1,10 @@
-"""DeepSpeed wiring: the optimizer, the LR schedule, the engine config, ZeRO-3 parameter gathering, and the
+"""DeepSpeed wiring: the engine config, ZeRO-3 parameter gathering, and the
 consolidation of a ZeRO checkpoint into one fp32 state_dict."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,29 +12,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from fewstep.config import OptimConfig, TrainConfig
-
-OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak lr, then constant (iCT trains at a constant lr); with `decay_fraction`, a linear
-    decay to 0 over that last fraction of `total_steps` (warm-up / stable / decay, for short budgets). A fraction, so
-    that `--set optim.total_steps=...` keeps the schedule's shape."""
-    decay = round(cfg.decay_fraction * cfg.total_steps)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        if decay == 0:
-            return warm
-        return min(warm, max(0.0, (cfg.total_steps - step) / decay))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
+    from fewstep.config import TrainConfig
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config derived from the typed config: global batch = micro x accum x world, so the
@@ -88,17 +66,6 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, t
     else:
         state = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().float().contiguous() for k, v in state.items()}
-
-
-def ema_update(decay: float):
-    """AveragedModel's multi_avg_fn: an fp32 EMA that also follows bf16/fp16 engine weights (torch's
-    get_ema_multi_avg_fn requires equal dtypes)."""
-
-    @torch.no_grad()
-    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        torch._foreach_lerp_(ema, [p.to(e.dtype) for e, p in zip(ema, current, strict=True)], 1.0 - decay)
-
-    return update
 
 
 @contextlib.contextmanager

@@ -1,28 +1,35 @@
-"""The driver side of a training run: cluster connection, Ray Train TorchTrainer, MLflow run, registry."""
+"""The driver side of a training run: one path, `run`, for `pipelines.train` and sweep trials. It checks the
+config against the world (shards, teacher), opens the MLflow run, runs the loop (Ray Train workers running
+DeepSpeed, or this process with engine.backend=local) and says how it ended (`RunResult`); `train` adds the
+export, the registry and the sample grid."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import ray
 import ray.data
 import ray.train
+import torch
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import save_file
 
 from fewstep import teacher as teachers
+from fewstep.backends import student_state_dict
 from fewstep.config import TrainConfig
-from fewstep.distributed import consolidated_state_dict
 from fewstep.faults import DivergenceError
 from fewstep.generator import STUDENT_WEIGHTS, Generator
 from fewstep.images import grid, save_png
+from fewstep.loop import STATUS, Place, train_loop
 from fewstep.tracking import (
     diverged,
     log_and_register,
@@ -31,7 +38,7 @@ from fewstep.tracking import (
     run_url,
     start_or_resume_run,
 )
-from fewstep.worker import TAG, train_loop_per_worker
+from fewstep.worker import train_loop_per_worker
 
 log = logging.getLogger("fewstep")
 TEACHER_TAG = "fewstep.teacher"
@@ -51,31 +58,37 @@ def connect_ray(num_cpus: int | None = None) -> None:
         log.info("started a local Ray cluster (%d logical CPUs)", cpus)
 
 
+def storage_dir(cfg: TrainConfig, run_name: str) -> Path | None:
+    """The run's directory in engine.storage_path when that is a local path (None for a storage URI)."""
+    if "://" in cfg.engine.storage_path:
+        return None
+    return Path(os.path.expanduser(cfg.engine.storage_path)).absolute() / run_name
+
+
+def loop_config(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None) -> dict:
+    """What every copy of the loop needs besides the config: absolute paths and a pinned teacher version, since
+    workers run elsewhere and must all see the same files."""
+    from fewstep.data.storage import absolute_spec, resolve_shards
+
+    status = storage_dir(cfg, run_name)
+    return {
+        "config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri, "teacher": teacher_ref,
+        "fid_reference": resolve_shards(absolute_spec(cfg.data.test_shards)) if cfg.eval.fid_every else None,
+        "status_dir": str(status) if status else None,
+    }
+
+
 def fit(
     cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None, callbacks: list = ()
 ) -> ray.train.Result:
     """One Ray Train run; `callbacks` are Train V2 UserCallbacks (a sweep forwards reports to Tune with one)."""
-    from fewstep.data.storage import absolute_spec, resolve_shards
-
-    # Data: workers resolve shards themselves (each rank streams its own, fewstep.data.stream); here the spec is
-    # made absolute and checked, so an empty shard list or an unreachable bucket fails before workers start.
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
-    resolve_shards(cfg.data.shards)
     e = cfg.engine
-    # Absolute paths and a pinned teacher version: workers run elsewhere and must all see the same files.
-    loop_config = {
-        "config": cfg.model_dump(mode="json"),
-        "run_id": run_id,
-        "tracking_uri": uri,
-        "teacher": teacher_ref,
-        "fid_reference": resolve_shards(absolute_spec(cfg.data.test_shards)) if cfg.eval.fid_every else None,
-    }
     # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, run_name, run_id, uri, teacher_ref),
         torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
@@ -91,18 +104,55 @@ def fit(
     return trainer.fit()
 
 
+class LocalCheckpoints:
+    """engine.backend=local: checkpoints as checkpoint_<step> folders of the run's storage directory, the newest
+    engine.keep_checkpoints kept; a run with the same name resumes from the newest."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = root, keep
+
+    def all(self) -> list[Path]:
+        return sorted(self.root.glob("checkpoint_*")) if self.root.is_dir() else []
+
+    def latest(self) -> Path | None:
+        return (self.all() or [None])[-1]
+
+    def report(self, metrics: dict, d: Path) -> None:
+        dst = self.root / f"checkpoint_{metrics['step']:09d}"
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)  # a checkpoint appears whole or not at all
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old)
+
+
+def fit_local(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None) -> Path | None:
+    """The same loop in this process (no Ray, no DeepSpeed); returns the newest checkpoint directory."""
+    root = storage_dir(cfg, run_name)
+    if root is None:
+        raise ValueError("engine.backend=local needs a local engine.storage_path")
+    checkpoints = LocalCheckpoints(root, cfg.engine.keep_checkpoints)
+    lc = loop_config(cfg, run_name, run_id, uri, teacher_ref)
+    place = Place(0, 1, torch.device("cpu"), checkpoints.latest(), checkpoints.report, root)
+    train_loop(cfg, place, run_id, uri, teacher_ref, lc["fid_reference"])
+    return checkpoints.latest()
+
+
 def export_model(checkpoint_dir: Path, out: Path) -> Path:
     """The registry's model directory from a final checkpoint: rank 0's EMA export (weights.safetensors,
     config.yaml) plus the student consolidated from every rank's ZeRO partitions into one fp32 state_dict
     (student.safetensors). Neither needs DeepSpeed to load."""
     shutil.copytree(checkpoint_dir / "model", out, dirs_exist_ok=True)
-    save_file(consolidated_state_dict(checkpoint_dir, TAG), str(out / STUDENT_WEIGHTS))
+    save_file(student_state_dict(checkpoint_dir), str(out / STUDENT_WEIGHTS))
     return out
 
 
 def resolve_teacher(cfg: TrainConfig, uri: str) -> str | None:
     """multistep_cd: the teacher pinned to a version (or an absolute directory), checked against the config."""
-    ref = getattr(cfg.objective, "teacher", None)
+    ref = cfg.objective.teacher_ref
     if not ref:
         return None
     pinned = teachers.pin(ref, uri)
@@ -123,6 +173,79 @@ def record_teacher(run_id: str, pinned: str, uri: str) -> str:
 
 
 @dataclass
+class RunResult:
+    """How a run ended. finished: trained to total_steps; diverged: stopped by the divergence guard (`checkpoint` is
+    the last good one, or None); failed: an error (`error`)."""
+
+    status: Literal["finished", "diverged", "failed"]
+    run_id: str
+    run_name: str
+    checkpoint: Path | None
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+def read_status(cfg: TrainConfig, run_name: str, client: MlflowClient, run_id: str) -> dict:
+    """The run's own record of how it ended (rank 0 writes it into the run's storage); else the MLflow tag."""
+    root = storage_dir(cfg, run_name)
+    if root is not None and (root / STATUS).is_file():
+        return json.loads((root / STATUS).read_text())
+    message = diverged(client, run_id)
+    return {"status": "diverged", "message": message} if message else {"status": "finished"}
+
+
+def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) -> RunResult:
+    """Check, open (or find again) the MLflow run, train, and report how it ended; a diverged or failed run is
+    marked FAILED in MLflow with the reason as a tag. `before_fit(run_id)` runs once the MLflow run exists (sweeps
+    tag their trials there)."""
+    from fewstep.data.storage import absolute_spec, resolve_shards
+
+    # Data: workers resolve shards themselves (each rank streams its own); here the spec is made absolute and
+    # checked, so an empty shard list or an unreachable bucket fails before the run or any worker exists.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
+    resolve_shards(cfg.data.shards)
+    uri = resolve_uri(cfg.tracking.uri)
+    teacher_ref = resolve_teacher(cfg, uri)  # before the run exists: a bad teacher is a config error
+    run_id = start_or_resume_run(cfg, run_name, uri)
+    client = MlflowClient(uri)
+    diverged(client, run_id, clear=True)  # a resumed attempt starts clean
+    if teacher_ref:
+        teacher_ref = record_teacher(run_id, teacher_ref, uri)
+    if before_fit:
+        before_fit(run_id)
+    root = storage_dir(cfg, run_name)
+    if root is not None:
+        (root / STATUS).unlink(missing_ok=True)
+    t0 = time.time()
+    if cfg.engine.backend == "local":
+        try:
+            checkpoint, error = fit_local(cfg, run_name, run_id, uri, teacher_ref), None
+        except Exception as e:  # noqa: BLE001  reported as the run's outcome, raised by train()
+            checkpoint, error = LocalCheckpoints(root, 1).latest(), e
+        metrics = json.loads((checkpoint / "metrics.json").read_text()) if checkpoint else {}
+    else:
+        connect_ray()
+        result = fit(cfg, run_name, run_id, uri, teacher_ref, callbacks)
+        checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+        metrics, error = dict(result.metrics or {}), result.error
+    seconds = time.time() - t0
+    status = read_status(cfg, run_name, client, run_id)
+    if error is not None:
+        out = RunResult("failed", run_id, run_name, checkpoint, metrics, str(error), error, seconds)
+    elif status["status"] == "diverged":
+        out = RunResult("diverged", run_id, run_name, checkpoint, metrics, status.get("message", ""), None, seconds)
+    else:
+        out = RunResult("finished", run_id, run_name, checkpoint, metrics, "", None, seconds)
+    if out.status != "finished":
+        client.set_tag(run_id, "fewstep.status", out.status)
+        client.set_tag(run_id, "fewstep.failure", out.message[:5000])
+        client.set_terminated(run_id, "FAILED")
+    return out
+
+
+@dataclass
 class RunSummary:
     run_id: str
     run_url: str
@@ -136,39 +259,27 @@ class RunSummary:
 def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path = "outputs") -> RunSummary:
     """Train, track, export the EMA generator, register it, and write a sample grid."""
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = resolve_uri(cfg.tracking.uri)
-    teacher_ref = resolve_teacher(cfg, uri)  # before the run exists: a bad teacher is a config error
-    run_id = start_or_resume_run(cfg, run_name, uri)
-    client = MlflowClient(uri)
-    diverged(client, run_id, clear=True)  # a resumed attempt starts clean
-    if teacher_ref:
-        teacher_ref = record_teacher(run_id, teacher_ref, uri)
-    connect_ray()
-    t0 = time.time()
-    result = fit(cfg, run_name, run_id, uri, teacher_ref)
-    seconds = time.time() - t0
-    if result.error:
-        raise result.error
-    message = diverged(client, run_id)
-    if message:
-        client.set_terminated(run_id, "FAILED")
-        where = result.checkpoint.path if result.checkpoint else "none (diverged before the first checkpoint)"
+    r = run(cfg, run_name)
+    if r.status == "failed":
+        raise r.error
+    if r.status == "diverged":
+        where = r.checkpoint or "none (diverged before the first checkpoint)"
         raise DivergenceError(
-            f"run {run_name}: {message}: {where}. Fix the cause (lr, data, precision) and re-run with the same "
+            f"run {run_name}: {r.message}: {where}. Fix the cause (lr, data, precision) and re-run with the same "
             "run name to resume from that checkpoint."
         )
-    if result.checkpoint is None:
+    if r.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    uri = resolve_uri(cfg.tracking.uri)
     out = Path(output_dir) / run_name
-    with result.checkpoint.as_directory() as d:
-        model_dir = export_model(Path(d), out / "model")
+    model_dir = export_model(r.checkpoint, out / "model")
     generator = Generator.from_dir(model_dir)
-    name, version = log_and_register(run_id, model_dir, cfg, uri)
-    # 1-step and 2-step samples of the same classes, rows = steps
+    name, version = log_and_register(r.run_id, model_dir, cfg, uri)
+    # samples of the same classes, rows = eval.steps
     n = cfg.eval.grid_size
     labels = generator.grid_labels(n)
     rows = [generator.generate(n, num_steps=k, seed=0, labels=labels) for k in cfg.eval.steps]
     image = grid(np.concatenate(rows), n)
     png = save_png(image, out / "samples.png")
-    log_image_file(run_id, image, "samples/final.png", uri)
-    return RunSummary(run_id, run_url(uri, run_id), name, version, png.resolve(), result.metrics["step"], seconds)
+    log_image_file(r.run_id, image, "samples/final.png", uri)
+    return RunSummary(r.run_id, run_url(uri, r.run_id), name, version, png.resolve(), r.metrics["step"], r.seconds)

@@ -8,16 +8,43 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field
 
-from fewstep.config import TrainConfig
 from fewstep.data.shards import iter_samples, resolve_shards
 from fewstep.fid import InceptionFeatures, frechet_distance, reference_stats, stats
-from fewstep.generator import Generator
+
+if TYPE_CHECKING:
+    from fewstep.config import TrainConfig
+    from fewstep.generator import Generator
+
+
+class EvalConfig(BaseModel):
+    """In-training evaluation on rank 0: sample grids, and optionally a small-sample FID per step count."""
+
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(1000, ge=1, description="Sample a grid from the EMA model every N steps (and at the end).")
+    grid_size: int = Field(8, ge=1, description="Grid is grid_size x grid_size images.")
+    steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sampling step counts shown.")
+    fid_every: int = Field(
+        0, ge=0,
+        description="Rank 0 computes Inception FID of the EMA model every N steps (and at the end), logged as "
+        "fid_steps_<k> at that step; 0 = off. Other ranks wait at their next collective meanwhile.",
+    )
+    fid_n: int = Field(
+        256, ge=2,
+        description="Generated images per step count. Small on purpose (Inception runs ~6 img/s on one CPU "
+        "thread): an in-training FID is biased upward and only comparable between equal fid_n.",
+    )
+    fid_n_ref: int = Field(
+        1000, ge=2, description="Held-out images (data.test_shards) in the reference statistics, cached once."
+    )
+    fid_steps: list[int] | None = Field(None, description="Step counts evaluated; None = eval.steps.")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,27 @@ STUDENT_WEIGHTS = "student.safetensors"  # the trained (non-EMA) weights, consol
 CONFIG = "config.yaml"
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block (no dropout); every submodule's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class Generator:
-    """A denoiser plus the config that says how to sample it."""
+    """A denoiser plus the config that says how to sample it. Sampling runs the model in eval mode and leaves the
+    model's own train/eval mode as it found it (the training loop samples its EMA model mid-run)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, text_encoder: nn.Module | None = None):
-        self.model = model.eval()
+        self.model = model
         self.cfg = cfg
         self.objective = build_objective(cfg)
+        self.capabilities = self.objective.capabilities
         self._text_encoder = text_encoder  # text-to-image: the frozen encoder, built on first use if not given
 
     @property
@@ -50,15 +66,15 @@ class Generator:
         return [str(p) for p in items]
 
     def check_guidance(self, guidance: float | None) -> float:
-        """The sampling guidance w: diffusion text models only (a distilled student has its teacher's baked in)."""
+        """The sampling guidance w: text-to-image models whose objective samples with guidance (a distilled student
+        has its teacher's baked in)."""
+        guided = self.text and self.capabilities.guidance
         if guidance is None:
-            return self.cfg.text.guidance if self.text and self.cfg.objective.name == "diffusion" else 1.0
-        if not self.text or self.cfg.objective.name != "diffusion":
+            return self.cfg.text.guidance if guided else 1.0
+        if not guided:
             raise ValueError(
-                f"guidance={guidance} applies to text-to-image diffusion models; this is a "
-                f"{'text-to-image ' if self.text else ''}{self.cfg.objective.name} model"
-                + (f" (distilled with guidance {self.cfg.objective.guidance})"
-                   if self.cfg.objective.name == "multistep_cd" else "")
+                f"guidance={guidance} applies to text-to-image models whose objective samples with guidance; this "
+                f"is a {'text-to-image ' if self.text else ''}{self.cfg.objective.name} model, which takes none"
             )
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
@@ -74,7 +90,7 @@ class Generator:
         cfg = build_config(yaml.safe_load((path / CONFIG).read_text()), source=str(path / CONFIG))
         model = build_model(cfg)
         model.load_state_dict(load_file(str(path / weights), device=device))
-        return cls(model.to(device), cfg)
+        return cls(model.to(device).eval(), cfg)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -97,15 +113,7 @@ class Generator:
 
     def check_sampler(self, sampler: str | None) -> str:
         """The sampler to use: the objective's default for None, else one this objective can run."""
-        allowed = self.objective.samplers
-        if sampler is None or sampler == "":
-            return self.objective.default_sampler
-        if sampler not in allowed:
-            raise ValueError(
-                f"sampler={sampler!r} is not available for this {self.cfg.objective.name} model: choose one of "
-                f"{', '.join(allowed)}"
-            )
-        return sampler
+        return self.capabilities.check_sampler(sampler, self.cfg.objective.name)
 
     @torch.no_grad()
     def generate(
@@ -138,25 +146,27 @@ class Generator:
             if labels.shape[0] != n:
                 raise ValueError(f"got {labels.shape[0]} class labels for {n} images")
             self.check_labels(labels)
-        device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        c, s = self.cfg.data.channels, self.cfg.data.image_size
+        gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(int(seed))
         model = self.model
         if self.text and w != 1.0:
             from fewstep.text import Guided
 
             model = Guided(self.model, self.text_encoder(), w)
         out = []
-        for start in range(0, n, batch):
-            m = min(batch, n - start)
-            noise = torch.randn((m, c, s, s), generator=gen, device=device)
-            if self.text:
-                y = self.text_encoder()(labels[start : start + m])
-            else:
-                y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
-            x = self.objective.sample(model, noise, num_steps, y, generator=gen, sampler=sampler)
-            out.append(to_uint8(x))
+        with eval_mode(self.model):
+            for start in range(0, n, batch):
+                out.append(self._batch(model, labels, start, min(batch, n - start), num_steps, gen, sampler))
         return np.concatenate(out)
+
+    def _batch(self, model, labels, start: int, m: int, num_steps: int, gen: torch.Generator, sampler: str):
+        device = next(self.model.parameters()).device
+        c, s = self.cfg.data.channels, self.cfg.data.image_size
+        noise = torch.randn((m, c, s, s), generator=gen, device=device)
+        if self.text:
+            y = self.text_encoder()(labels[start : start + m])
+        else:
+            y = torch.as_tensor(labels[start : start + m], device=device) if self.conditional else None
+        return to_uint8(self.objective.sample(model, noise, num_steps, y, sampler=sampler, generator=gen))
 
     def grid_labels(self, n: int) -> np.ndarray | None:
         """Labels for an evaluation grid: row-major, cycling through the classes (text: text.eval_prompts)."""

@@ -10,10 +10,12 @@ import math
 from typing import Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from torch import nn
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.edm import EDMConfig, karras_sigmas
+from fewstep.edm import EDMConfig, EDMPrecond, karras_sigmas
+from fewstep.objectives import Capabilities, Objective, ObjectiveConfig, StepCounts, register
 
 
 class Denoiser(Protocol):
@@ -21,10 +23,9 @@ class Denoiser(Protocol):
         ...
 
 
-class ICTConfig(BaseModel):
+class ICTConfig(ObjectiveConfig):
     """iCT objective and sampler settings; defaults are the paper's [iCT sec. 3]."""
 
-    model_config = ConfigDict(extra="forbid")
     name: Literal["ict"] = "ict"
     edm: EDMConfig = Field(default_factory=EDMConfig)
     s0: int = Field(10, ge=1, description="Initial discretization steps of the curriculum [iCT sec. 3.4].")
@@ -59,11 +60,14 @@ def level_probabilities(sigmas: torch.Tensor, p_mean: float, p_std: float) -> to
     return p / p.sum()
 
 
-class ICTObjective:
+@register("ict")
+class ICTObjective(Objective):
     """One iCT training step: loss = E[lambda(sigma_i) d(f(x + s_{i+1} z, s_{i+1}), sg f(x + s_i z, s_i))]."""
 
+    config = ICTConfig
+
     def __init__(self, cfg: ICTConfig, data_dim: int, total_steps: int):
-        self.cfg = cfg
+        super().__init__(cfg, data_dim, total_steps)
         self.total_k = cfg.curriculum_steps or total_steps
         self.distance = get_distance(cfg.distance)
         self.c = cfg.huber_c if cfg.huber_c is not None else default_huber_c(data_dim)
@@ -79,8 +83,19 @@ class ICTObjective:
             self._cache = (n, sigmas, level_probabilities(sigmas, self.cfg.p_mean, self.cfg.p_std))
         return self._cache[1], self._cache[2]
 
+    @classmethod
+    def precondition(cls, net: nn.Module, cfg: ICTConfig) -> nn.Module:
+        return EDMPrecond(net, cfg.edm)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            steps=StepCounts(1, 1 + len(self.cfg.sigma_mid)), samplers=("ict",), default_sampler="ict", family="ve",
+            steps_reason=f"objective.sigma_mid = {self.cfg.sigma_mid} gives the sigmas of steps 2 and on",
+        )
+
     def loss(
-        self, model: Denoiser, x: torch.Tensor, labels: torch.Tensor | None, step: int
+        self, model: Denoiser, x: torch.Tensor, labels: torch.Tensor | None, step: int, teacher: None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # 1. the curriculum's noise levels at this iteration
         n = self.n_levels(step)
@@ -104,27 +119,14 @@ class ICTObjective:
 
     def sample_sigmas(self, num_steps: int) -> list[float]:
         """Sigmas visited by the multistep sampler: sigma_max, then the configured sigma_mid values."""
-        chain = [self.cfg.edm.sigma_max, *self.cfg.sigma_mid]
-        if not 1 <= num_steps <= len(chain):
-            raise ValueError(
-                f"num_steps={num_steps} is not available for this iCT model: it has sigma_mid for "
-                f"1..{len(chain)} steps (objective.sigma_mid = {self.cfg.sigma_mid})"
-            )
-        return chain[:num_steps]
-
-    @property
-    def steps_available(self) -> str:
-        return f"1-{1 + len(self.cfg.sigma_mid)}"
-
-    samplers = ("ict",)  # [CM Alg. 1] with iCT's sigma_mid chain
-    default_sampler = "ict"
+        self.capabilities.steps.check(num_steps, self.capabilities.steps_reason)
+        return [self.cfg.edm.sigma_max, *self.cfg.sigma_mid][:num_steps]
 
     def sample(
         self, model: Denoiser, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None, sampler: str | None = None,
+        sampler: str | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if sampler not in (None, "ict"):
-            raise ValueError(f"sampler={sampler!r} is not available for this ict model: choose one of ict")
+        self.capabilities.check_sampler(sampler, "ict")  # [CM Alg. 1] with iCT's sigma_mid chain
         return sample(model, noise, self.sample_sigmas(num_steps), labels, self.cfg.edm.sigma_min, generator)
 
 

@@ -12,10 +12,12 @@ import math
 from typing import Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from torch import nn
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.vp import VPConfig, addim, alpha_sigma, analytic_x_var, ddim, inv_ddim, snr
+from fewstep.objectives import Capabilities, Objective, ObjectiveConfig, StepCounts, register
+from fewstep.vp import VPConfig, VPPrecond, addim, alpha_sigma, analytic_x_var, ddim, inv_ddim, snr
 
 SAMPLERS = ("ddim", "addim")  # [MCM Alg. 2] and its aDDIM variant [MCM Alg. 3]
 
@@ -27,10 +29,9 @@ class XPredictor(Protocol):
         ...
 
 
-class MultistepConfig(BaseModel):
+class MultistepConfig(ObjectiveConfig):
     """MCM objective and sampler settings; defaults are the paper's ImageNet ones [MCM App. A.1]."""
 
-    model_config = ConfigDict(extra="forbid")
     name: Literal["multistep_ct", "multistep_cd"] = "multistep_ct"
     vp: VPConfig = Field(default_factory=VPConfig)
     student_steps: int = Field(
@@ -76,6 +77,19 @@ class MultistepConfig(BaseModel):
         "needs the same network (dropout may differ).",
     )
 
+    @property
+    def teacher_ref(self) -> str | None:
+        return self.teacher
+
+    def check_with(self, cfg) -> None:
+        if self.name == "multistep_cd" and not self.teacher:
+            raise ValueError("objective.teacher is required for objective.name=multistep_cd: a registry URI "
+                             "models:/NAME@ALIAS or a model directory")
+        if self.name == "multistep_ct" and self.teacher:
+            raise ValueError("objective.teacher is set, but objective.name=multistep_ct has no teacher: multistep_cd?")
+        if self.guidance != 1.0 and not cfg.text.enabled:
+            raise ValueError("objective.guidance is classifier-free guidance of a text teacher: it needs text.enabled")
+
 
 # Teacher-step annealing [MCM App. A.1]: N(i) = exp(log n_start + clip(i / anneal_steps, 0, 1)(log n_end - log n_start))
 def n_teacher(i: int, cfg: MultistepConfig) -> float:
@@ -101,14 +115,45 @@ def draw_times(
     return (k / T).to(dtype), ((k - 1) / T).to(dtype), ((step * n_seg).to(torch.float64) / T).to(dtype)
 
 
-class MultistepObjective:
+@register("multistep_ct", "multistep_cd")
+class MultistepObjective(Objective):
     """One MCM training step [MCM Alg. 1]: L = w(t) d(x_hat, invDDIM_{t->t_step}(z_ref, z_t)), w = SNR(t) + 1."""
 
+    config = MultistepConfig
+
     def __init__(self, cfg: MultistepConfig, data_dim: int, total_steps: int | None = None):
-        self.cfg = cfg
+        super().__init__(cfg, data_dim, total_steps)
         self.distill = cfg.name == "multistep_cd"
         self.distance = get_distance(cfg.distance)
         self.c = cfg.huber_c if cfg.huber_c is not None else default_huber_c(data_dim)
+
+    @classmethod
+    def precondition(cls, net: nn.Module, cfg: MultistepConfig) -> nn.Module:
+        return VPPrecond(net, cfg.vp)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        S = self.cfg.student_steps
+        return Capabilities(
+            steps=StepCounts(S, S), samplers=SAMPLERS, default_sampler=self.cfg.sampler, family="vp",
+            teacher="required" if self.distill else "none",
+            steps_reason=f"it was trained for objective.student_steps = {S} steps",
+        )
+
+    def initialise(self, model: nn.Module, teacher: nn.Module | None) -> None:
+        """CD: the student starts from the teacher's weights (every run in the paper does)."""
+        if self.distill and self.cfg.init_from_teacher and teacher is not None:
+            from fewstep.teacher import init_student
+
+            init_student(model, teacher)
+
+    def prepare_teacher(self, teacher: nn.Module, text_encoder: nn.Module | None) -> nn.Module:
+        """Text-to-image CD distills the guided teacher x_uncond + w (x_cond - x_uncond)."""
+        if text_encoder is None:
+            return teacher
+        from fewstep.text import Guided
+
+        return Guided(teacher, text_encoder, self.cfg.guidance)
 
     def segments(self, step: int) -> tuple[int, int]:
         """(N_seg, T): N_seg = round(N_teacher(i) / S) >= 1 teacher steps per segment, T = N_seg S in total.
@@ -180,31 +225,13 @@ class MultistepObjective:
         loss = (w * self.distance(x_hat, x_target, self.c)).mean()
         return loss, {"n_teacher": float(T), "n_seg": float(n_seg)}
 
-    def sample_times(self, num_steps: int) -> list[float]:
-        """Times visited by [MCM Alg. 2]. An MCM is trained for exactly S steps: other counts are not its model."""
-        if num_steps != self.cfg.student_steps:
-            raise ValueError(
-                f"num_steps={num_steps} is not available for this multistep model: it was trained for "
-                f"objective.student_steps = {self.cfg.student_steps} steps"
-            )
-        return sample_times(num_steps)
-
-    @property
-    def steps_available(self) -> str:
-        return str(self.cfg.student_steps)
-
-    samplers = SAMPLERS
-
-    @property
-    def default_sampler(self) -> str:
-        return self.cfg.sampler
-
     def sample(
         self, model: XPredictor, noise: torch.Tensor, num_steps: int, labels: torch.Tensor | None,
-        generator: torch.Generator | None = None, sampler: str | None = None,
+        sampler: str | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        self.sample_times(num_steps)  # refuses a step count this model was not trained for
-        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=sampler or self.cfg.sampler)
+        caps = self.capabilities
+        caps.steps.check(num_steps, caps.steps_reason)  # an MCM is trained for exactly S steps
+        return sample(model, noise, num_steps, labels, self.cfg.vp, sampler=caps.check_sampler(sampler, self.cfg.name))
 
 
 def sample_times(num_steps: int) -> list[float]:

@@ -83,7 +83,7 @@ class FewstepModel(PythonModel):
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError("every `prompt` must be a string")
         guidance = params.get("guidance")
-        guidance = None if guidance is None or self.generator.cfg.objective.name != "diffusion" else float(guidance)
+        guidance = None if guidance is None or not self.generator.capabilities.guidance else float(guidance)
         return self.generator.generate(len(prompts), num_steps=num_steps, seed=seed, labels=prompts,
                                        sampler=sampler, guidance=guidance)
 

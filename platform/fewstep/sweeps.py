@@ -71,11 +71,7 @@ def apply(base_tree: dict[str, Any], sample: dict[str, Any], scale: dict[str, fl
 def eval_steps(cfg: TrainConfig, max_steps: int) -> list[int]:
     """Every step count the model can sample, up to the largest alias budget: [S] for multistep, 1..1+len(sigma_mid)
     for iCT, powers of two for diffusion."""
-    available = build_objective(cfg).steps_available  # "4", "1-2" or "any"
-    if available == "any":
-        return [k for k in (1, 2, 4, 8, 16, 32) if k <= max_steps] or [max_steps]
-    lo, _, hi = available.partition("-")
-    return [k for k in range(int(lo), int(hi or lo) + 1) if k <= max_steps] or [int(lo)]
+    return build_objective(cfg).capabilities.steps.upto(max_steps)
 
 
 def trial_config(tree: dict[str, Any], max_steps: int, source: str) -> TrainConfig:

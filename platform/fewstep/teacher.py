@@ -80,11 +80,14 @@ def teacher_config(ref: str, tracking_uri: str) -> TrainConfig:
 def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:
     """The teacher must be a VP diffusion model of the same data and schedule; with init_from_teacher the
     networks must match field for field (dropout aside). Raises ConfigError naming the field."""
-    o, ref = cfg.objective, cfg.objective.teacher
-    if teacher.objective.name != "diffusion":
+    from fewstep.objectives import capabilities
+
+    o, ref = cfg.objective, cfg.objective.teacher_ref
+    mine, theirs = capabilities(cfg), capabilities(teacher)
+    if theirs.role != "diffusion" or theirs.family != mine.family:
         raise ConfigError(
-            f"objective.teacher={ref!r} is a {teacher.objective.name} model: multistep_cd distills a diffusion "
-            "model (objective.name=diffusion)"
+            f"objective.teacher={ref!r} is a {teacher.objective.name} model ({theirs.role}, {theirs.family.upper()} "
+            f"family): objective.name={o.name} distills a {mine.family.upper()} diffusion model"
         )
     for f in ("image_size", "channels"):
         if getattr(teacher.data, f) != getattr(cfg.data, f):

@@ -7,20 +7,49 @@ import os
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fewstep.config import TrainConfig, flatten, to_yaml
 from fewstep.objectives import build_objective
+
+if TYPE_CHECKING:
+    from fewstep.config import TrainConfig
 
 RUN_NAME_TAG = "fewstep.run_name"
 DIVERGED_TAG = "fewstep.diverged"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parent
+
+
+class TrackingConfig(BaseModel):
+    """MLflow tracking and registry."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str = Field("fewstep", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None, description="Model Registry name; None = do not register."
+    )
+    alias: str = Field(
+        "champion",
+        description="Alias set on the newly registered version. MLflow reserves `latest`: the newest "
+        "version is always `models:/NAME/latest` without an alias.",
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v.lower().startswith("v") and v[1:].isdigit()):
+            raise ValueError(f"MLflow reserves the alias {v!r}; use models:/NAME/latest for the newest version")
+        return v
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -40,6 +69,7 @@ def start_or_resume_run(cfg: TrainConfig, run_name: str, uri: str) -> str:
     if found:
         return found[0].info.run_id
     run = client.create_run(exp.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    from fewstep.config import flatten, to_yaml
     params = {k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()}
     items = list(params.items())
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params
@@ -79,20 +109,19 @@ def run_url(uri: str, run_id: str) -> str:
 def signature(cfg: TrainConfig) -> ModelSignature:
     c, s = cfg.data.channels, cfg.data.image_size
     column = "class_label" if cfg.network.num_classes else "index"
-    objective = build_objective(cfg)
-    available = objective.steps_available  # "4" (MCM: exactly S), "1-2" (iCT), "any" (diffusion)
-    steps = int(available) if available.isdigit() else max(cfg.eval.steps) if available == "any" else 1
+    caps = build_objective(cfg).capabilities
+    steps = caps.steps.default(cfg.eval.steps)  # S for a multistep model, the largest eval count for diffusion
     params = [
         ParamSpec("num_steps", "long", steps),
         ParamSpec("seed", "long", 0),
-        ParamSpec("sampler", "string", objective.default_sampler),
+        ParamSpec("sampler", "string", caps.default_sampler),
         ParamSpec("output", "string", ""),  # "" = png when served over REST, array in Python (serving.py)
     ]
     # `prompt` is optional for class models so that a text request reaches the model and gets a clear refusal
     inputs = Schema([ColSpec("long", column), ColSpec("string", "prompt", required=False)])
     if cfg.text.enabled:  # text-to-image: one prompt per image; diffusion models take a guidance scale
         inputs = Schema([ColSpec("string", "prompt")])
-        if cfg.objective.name == "diffusion":
+        if caps.guidance:
             params.append(ParamSpec("guidance", "double", float(cfg.text.guidance)))
     return ModelSignature(
         inputs=inputs,
@@ -113,6 +142,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
     """Log the EMA generator as a pyfunc model from code; register it and point the alias at it."""
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.registered_model
+    caps = build_objective(cfg).capabilities
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -125,8 +155,8 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
             metadata={
                 "objective": cfg.objective.name,
                 "num_classes": cfg.network.num_classes,
-                "sampling_steps": build_objective(cfg).steps_available,
-                "samplers": ",".join(build_objective(cfg).samplers),
+                "sampling_steps": str(caps.steps),
+                "samplers": ",".join(caps.samplers),
             },
         )
     if not name:

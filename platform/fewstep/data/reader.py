@@ -46,20 +46,27 @@ def _pad(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _block(rows: list[tuple[np.ndarray, int, int, str, str]], pos: int) -> Any:
-    return BlockAccessor.batch_to_block({
+def _columns(rows: list[tuple[np.ndarray, int, int, str, str]], pos: int) -> dict[str, np.ndarray]:
+    return {
         "image": np.stack([r[0] for r in rows]),
         "label": np.array([r[1] for r in rows], np.int64),
         "keyhash": np.array([r[2] for r in rows], np.uint32),
         "pos": np.full(len(rows), pos, np.int32),
         "report": np.array([r[3] for r in rows], dtype=object),
         "caption": np.array([r[4] for r in rows], dtype=object),
-    })
+    }
 
 
 def read_shard(uri: str, pos: int, spec: SampleSpec, on_error: Literal["fail", "skip"],
                expected: int | None) -> Iterator[Any]:
     """Blocks of one shard (runs inside a Ray read task); the last block ends with the report row."""
+    for columns in read_shard_columns(uri, pos, spec, on_error, expected):
+        yield BlockAccessor.batch_to_block(columns)
+
+
+def read_shard_columns(uri: str, pos: int, spec: SampleSpec, on_error: Literal["fail", "skip"],
+                       expected: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Column batches of one shard (numpy), the last ending with the report row: what read_shard's blocks hold."""
     size, channels = spec.image_size, spec.channels
     tally, rows = Tally(), []
     with open_input(uri) as f:
@@ -67,11 +74,11 @@ def read_shard(uri: str, pos: int, spec: SampleSpec, on_error: Literal["fail", "
             cls = s["cls"] if spec.num_classes and s["cls"] is not None else 0
             rows.append((_pad(s["image"], size), cls, zlib.crc32(s["key"].encode()), "", s["txt"] or ""))
             if len(rows) == ROWS_PER_BLOCK:
-                yield _block(rows, pos)
+                yield _columns(rows, pos)
                 rows = []
     report = json.dumps({"pos": pos, "shard": uri, "tally": dict(tally)})
     rows.append((np.zeros((channels, size, size), np.uint8), 0, 0, report, ""))
-    yield _block(rows, pos)
+    yield _columns(rows, pos)
 
 
 class ShardSource(Datasource):

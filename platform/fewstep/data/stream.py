@@ -38,8 +38,8 @@ import torch.distributed as dist
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fewstep.data.config import DataConfig
-from fewstep.data.reader import manifest_counts, shard_dataset
-from fewstep.data.samples import ShardError, Tally
+from fewstep.data.reader import manifest_counts, read_shard_columns, shard_dataset, to_training_batch
+from fewstep.data.samples import SampleSpec, ShardError, Tally
 from fewstep.data.storage import resolve_shards
 
 COLUMNS = ("image", "label", "pos", "caption")
@@ -76,12 +76,54 @@ class _EpochReader:
         return list(itertools.islice(self.batches, n))
 
 
+class _LocalEpochReader:
+    """The same epoch read in this process, without Ray (engine.backend=local): the shards in order through the
+    same decoder and bad-data policy (report rows included), then a seeded shuffle buffer of data.shuffle_buffer."""
+
+    def __init__(self, cfg: DataConfig, rank: int, batch_size: int, expected: dict[str, int]):
+        self.cfg, self.rank, self.batch_size, self.expected = cfg, rank, batch_size, expected
+        self.batches: Iterator[dict[str, np.ndarray]] = iter(())
+
+    def begin(self, shards: list[str], positions: list[int], epoch: int) -> None:
+        spec, c = SampleSpec.from_config(self.cfg), self.cfg
+        rng = np.random.default_rng([c.shuffle_seed, epoch, self.rank])
+
+        def rows() -> Iterator[dict[str, np.ndarray]]:
+            for uri, pos in zip(shards, positions, strict=True):
+                for cols in read_shard_columns(uri, pos, spec, c.on_error, self.expected.get(uri)):
+                    yield to_training_batch(cols, c.hflip, c.shuffle_seed, epoch)
+
+        self.batches = _shuffled(rows(), self.batch_size, c.shuffle_buffer, rng)
+
+    def take(self, n: int) -> list[dict[str, np.ndarray]]:
+        return list(itertools.islice(self.batches, n))
+
+
+def _shuffled(chunks: Iterator[dict[str, np.ndarray]], batch: int, buffer: int,
+              rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch` rows drawn at random from a buffer of at least `buffer` rows (0: in order)."""
+    held: dict[str, np.ndarray] | None = None
+    for chunk in itertools.chain(chunks, [None]):
+        if chunk is not None:
+            held = chunk if held is None else {k: np.concatenate([held[k], chunk[k]]) for k in held}
+        if held is None:
+            continue
+        while len(held["pos"]) >= (batch + buffer if chunk is not None else 1):
+            n = min(batch, len(held["pos"]))
+            order = rng.permutation(len(held["pos"])) if buffer else np.arange(len(held["pos"]))
+            take, keep = order[:n], np.sort(order[n:])
+            yield {k: v[take] for k, v in held.items()}
+            held = {k: v[keep] for k, v in held.items()}
+
+
 class TrainStream:
     """Iterate `(epoch, {"image": (B, C, S, S) float32, "label": (B,) int64, "caption": list of B str})`
     forever, B = batch_size."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world: int, batch_size: int, resume: dict | None = None):
+    def __init__(self, cfg: DataConfig, rank: int, world: int, batch_size: int, resume: dict | None = None,
+                 local: bool = False):
         self.cfg, self.rank, self.world, self.batch_size = cfg, rank, world, batch_size
+        self.local = local  # read in this process (engine.backend=local) instead of a Ray actor
         self.shards = resolve_shards(cfg.shards)
         if len(self.shards) < world:
             raise ValueError(f"data.shards {cfg.shards!r} has {len(self.shards)} shards, fewer than the {world} "
@@ -126,6 +168,10 @@ class TrainStream:
         todo = [p for p in range(len(mine)) if p not in self.done]
         if not todo:
             return None
+        if self.local:
+            self.reader = self.reader or _LocalEpochReader(self.cfg, self.rank, self.batch_size, self.expected)
+            self.reader.begin([mine[p] for p in todo], todo, epoch)
+            return epoch, None, None
         if self.reader is None:
             here = ray.get_runtime_context().get_node_id()
             self.reader = _EpochReader.options(
@@ -139,6 +185,10 @@ class TrainStream:
         launched = self.launched if self.launched and self.launched[0] == epoch else self._launch(epoch)
         self.launched = None
         if launched is None:
+            return
+        if self.local:
+            while chunk := self.reader.take(CHUNK):
+                yield from chunk
             return
         _, begun, pending = launched
         ray.get(begun)  # raises a bad shard list or config here, not as a silently empty epoch
