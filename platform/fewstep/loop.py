@@ -72,7 +72,8 @@ class MetricsLogger:
     def log(self, step: int, epoch: int, info: dict[str, float], lr: float, skipped: int) -> None:
         elapsed = time.perf_counter() - self.t0
         metrics = {"loss": self.loss / self.n, **info, "lr": lr,
-                   "images_per_s": self.n * self.images_per_step / elapsed, "data_wait_frac": self.wait / elapsed, "epoch": float(epoch), "skipped_steps": float(skipped)}
+                   "images_per_s": self.n * self.images_per_step / elapsed,
+                   "data_wait_frac": self.wait / elapsed, "epoch": float(epoch), "skipped_steps": float(skipped)}
         if step > self.logged_through:
             _log(self.mlflow, self.run_id, metrics, step)
             print(f"step {step}/{self.cfg.optim.total_steps} loss {metrics['loss']:.4f} "
