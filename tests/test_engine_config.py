@@ -10,9 +10,9 @@ import torch
 
 from fewstep.config import ConfigError, OptimConfig, build_config
 from fewstep.distributed import deepspeed_config, enable_activation_checkpointing
-from fewstep.optim import lr_schedule
 from fewstep.faults import DivergenceGuard
 from fewstep.objectives import build_model
+from fewstep.optim import lr_schedule
 
 
 def cfg_with(**engine):

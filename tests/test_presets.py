@@ -13,8 +13,7 @@ import yaml
 
 from fewstep.config import build_config
 from fewstep.generator import Generator
-from fewstep.objectives import build_model, build_objective
-from fewstep.objectives import capabilities
+from fewstep.objectives import build_model, build_objective, capabilities
 from pipelines import train
 from pipelines.presets import available
 
