@@ -57,7 +57,8 @@ def test_teacher_mismatch_is_a_config_error_naming_the_field(teacher_dir, tmp_pa
         teachers.check_compatible(cd(str(teacher_dir), "objective.vp.shift=0.5"), tcfg)
     ict = tiny()
     Generator(build_model(ict), ict).save(tmp_path / "ict")
-    with pytest.raises(ConfigError, match=r"is a ict model \(consistency, VE family\): objective.name=multistep_cd distills a VP diffusion"):
+    wrong_family = r"is a ict model \(consistency, VE family\): objective.name=multistep_cd distills a VP diffusion"
+    with pytest.raises(ConfigError, match=wrong_family):
         teachers.check_compatible(cd(str(tmp_path / "ict")), teachers.teacher_config(str(tmp_path / "ict"), ""))
     with pytest.raises(ConfigError, match="objective.teacher='/nonexistent'"):
         teachers.model_dir("/nonexistent", "unused", tmp_path)
