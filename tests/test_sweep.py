@@ -170,3 +170,38 @@ def test_two_trial_sweep_registers_the_pareto_winners(ray_cluster, mlflow_server
     assert len(client.search_runs([children[0].info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{s.parent_run_id}'")) == 2
     assert {v.version for v in client.search_model_versions("name = 'it-sweep'")} == versions
+
+
+@pytest.mark.integration
+def test_a_trial_that_diverges_after_its_first_checkpoint_is_marked_and_never_ranked(
+    ray_cluster, mlflow_server, shards, tmp_path
+):
+    """A grid of two trials, the second fed NaN losses after its step-5 checkpoint: it ends `diverged` in Tune and
+    in MLflow (FAILED, tagged), logs no model, and the Pareto table and aliases name only the finished trial."""
+    from mlflow.tracking import MlflowClient
+
+    from fewstep.sweeps import MODEL_TAG
+    from tune.runner import run_sweep
+
+    space = write(tmp_path, "sweep: {search: random, scheduler: none}\n"
+                            "all:\n  engine.debug.nan_batches: {grid: [[], [6, 7, 8]]}\n")
+    sets = tiny_sets(shards, mlflow_server, tmp_path) + [
+        "sweep.search=random", "eval.fid_every=5", "tracking.registered_model=it-sweep-div"]
+    s = run_sweep("fashion-ict", str(space), samples=1, overrides=sets, name="it-sweep-div",
+                  output_dir=tmp_path / "out")
+    assert not s.errors, s.errors
+    by_status = {m["status"]: m for m in s.trial_metrics.values()}
+    assert set(by_status) == {"finished", "diverged"}
+    assert by_status["diverged"]["fid_best"] == math.inf and math.isfinite(by_status["finished"]["fid_best"])
+
+    client = MlflowClient(mlflow_server)
+    children = client.search_runs([client.get_run(s.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{s.parent_run_id}'")
+    runs = {r.data.tags["fewstep.status"]: r for r in children}
+    assert set(runs) == {"finished", "diverged"}
+    bad = runs["diverged"]
+    assert bad.info.status == "FAILED" and "non-finite losses in a row" in bad.data.tags["fewstep.failure"]
+    assert MODEL_TAG not in bad.data.tags and "fid_steps_1" in bad.data.metrics  # it had a checkpoint and a FID
+    assert {t.run_id for t in s.published.trials} == {runs["finished"].info.run_id}
+    assert {mv.run_id for mv in client.search_model_versions("name = 'it-sweep-div'")} == {
+        runs["finished"].info.run_id}

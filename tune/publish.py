@@ -30,8 +30,8 @@ def trial_fids(client: MlflowClient, parent_run_id: str) -> list[TrialFID]:
     """Finished trials (model logged) with their final FID at each evaluated step count."""
     out = []
     for run in child_runs(client, parent_run_id):
-        if not run.data.tags.get(MODEL_TAG):
-            continue  # stopped early by ASHA, or failed: no model to register
+        if not run.data.tags.get(MODEL_TAG) or run.data.tags.get("fewstep.status", "finished") != "finished":
+            continue  # stopped early by ASHA, diverged or failed: no model to rank or register
         fid = {int(k.removeprefix(FID_PREFIX)): v for k, v in run.data.metrics.items() if k.startswith(FID_PREFIX)}
         if fid:
             out.append(TrialFID(run.data.tags.get(TRIAL_TAG, run.info.run_id), run.info.run_id, fid))

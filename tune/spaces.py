@@ -20,12 +20,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fewstep import objectives
 from fewstep.config import ConfigError, TrainConfig, build_config, read_yaml
 from fewstep.distances import default_huber_c
 from fewstep.sweeps import apply
 
 SPACE_DIR = Path(__file__).parent / "spaces"
-KINDS = ("choice", "uniform", "loguniform", "randint")
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCALES = {"ict_huber_c": lambda cfg: default_huber_c(cfg.data_dim)}
 
 
@@ -52,6 +53,7 @@ class SweepConfig(BaseModel):
 class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     choice: list[Any] | None = None
+    grid: list[Any] | None = Field(None, description="Every value once (Tune's grid_search; num_samples repeats it).")
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None
@@ -71,7 +73,7 @@ class ParamSpec(BaseModel):
     def candidates(self) -> list[Any]:
         """Values that must each make a valid config: every choice, both bounds."""
         value = getattr(self, self.kind)
-        if self.kind == "choice":
+        if self.kind in ("choice", "grid"):
             return list(value)
         return [value[0], value[1] - 1 if self.kind == "randint" else value[1]]  # randint: hi is exclusive
 
@@ -87,9 +89,10 @@ class Space(BaseModel):
     def tune_space(self) -> dict[str, Any]:
         from ray import tune
 
-        make = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
-        return {k: make[s.kind](*([s.choice] if s.kind == "choice" else getattr(s, s.kind))) for k, s in
-                self.params.items()}
+        make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": tune.uniform,
+                "loguniform": tune.loguniform, "randint": tune.randint}
+        return {k: make[s.kind](*([getattr(s, s.kind)] if s.kind in ("choice", "grid") else getattr(s, s.kind)))
+                for k, s in self.params.items()}
 
 
 def space_path(name_or_path: str) -> Path:
@@ -122,10 +125,10 @@ def load_space(path: str | Path, base: TrainConfig, overrides: list[str] = ()) -
     path = space_path(str(path))
     raw = read_yaml(path)
     where = str(path)
-    unknown = set(raw) - {"sweep", "all", "ict", "multistep_ct", "multistep_cd", "diffusion"}
+    unknown = set(raw) - {"sweep", "all", *objectives.names()}
     if unknown:
         raise ConfigError(f"{where}: unknown top-level keys {sorted(unknown)}; expected sweep, all, or objective "
-                          "names (ict, multistep_ct, multistep_cd, diffusion)")
+                          f"names ({', '.join(objectives.names())})")
     sweep_tree = dict(raw.get("sweep") or {})
     import yaml
 
@@ -147,6 +150,8 @@ def load_space(path: str | Path, base: TrainConfig, overrides: list[str] = ()) -
             params[key] = ParamSpec.model_validate(spec)
         except ValidationError as e:
             raise ConfigError(f"{where}: {key}: {e.errors()[0]['msg']}") from None
+        if sweep.search == "optuna" and params[key].grid is not None:
+            raise ConfigError(f"{where}: {key}: grid needs sweep.search=random (Optuna samples, it does not grid)")
         if sweep.search == "optuna" and params[key].choice and any(
             isinstance(v, (list, dict)) for v in params[key].choice
         ):

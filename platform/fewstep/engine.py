@@ -42,6 +42,7 @@ from fewstep.worker import train_loop_per_worker
 
 log = logging.getLogger("fewstep")
 TEACHER_TAG = "fewstep.teacher"
+STATUS_TAG = "fewstep.status"  # finished | diverged | failed, of the run's last attempt
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -238,8 +239,8 @@ def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) 
         out = RunResult("diverged", run_id, run_name, checkpoint, metrics, status.get("message", ""), None, seconds)
     else:
         out = RunResult("finished", run_id, run_name, checkpoint, metrics, "", None, seconds)
+    client.set_tag(run_id, STATUS_TAG, out.status)  # every attempt sets it: a resumed run that finishes is clean
     if out.status != "finished":
-        client.set_tag(run_id, "fewstep.status", out.status)
         client.set_tag(run_id, "fewstep.failure", out.message[:5000])
         client.set_terminated(run_id, "FAILED")
     return out

@@ -31,7 +31,7 @@ class DebugConfig(BaseModel):
         3.0,
         ge=0,
         description="Wait before the kill: Ray Train polls workers every 2 s, and a checkpoint reported less "
-        "than one poll before a worker dies can be lost (STACK.md).",
+        "than one poll before a worker dies can be lost.",
     )
     step_sleep_s: float = Field(
         0.0, ge=0, description="Sleep after every optimizer step, so a test can act on a node or driver mid-run."

@@ -14,6 +14,7 @@ This module runs in Ray actors: it imports only fewstep.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,34 +90,39 @@ def trial_config(tree: dict[str, Any], max_steps: int, source: str) -> TrainConf
 def run_trial(
     config: dict[str, Any], *, base_tree: dict, scale: dict, sweep: str, parent_run_id: str, max_steps: int
 ) -> None:
-    """Tune's function trainable: config = this trial's draw {dotted.key: value}."""
-    from fewstep.engine import export_model, fit, record_teacher, resolve_teacher
-    from fewstep.tracking import log_and_register, start_or_resume_run
+    """Tune's function trainable: config = this trial's draw {dotted.key: value}. The same driver path as
+    `pipelines.train` (fewstep.engine.run); a trial that diverges or fails is reported to Tune with its status and
+    no FID, and no model is logged for it, so it is never ranked or registered."""
+    from fewstep.engine import export_model, run
+    from fewstep.tracking import log_and_register
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep}-{trial_id}"
     cfg = trial_config(apply(base_tree, config, scale), max_steps, f"sweep {sweep} trial {trial_id}")
     cfg = cfg.model_copy(update={"name": run_name})
     uri = cfg.tracking.uri
-    teacher_ref = resolve_teacher(cfg, uri)
-    run_id = start_or_resume_run(cfg, run_name, uri)  # found again by its run-name tag when restored
-    client = MlflowClient(uri)
-    for k, v in {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id}.items():
-        client.set_tag(run_id, k, v)
-    for key, value in config.items():
-        client.set_tag(run_id, f"sweep.{key}", str(value))  # the raw draw (huber_c: before `times`)
-    if teacher_ref:
-        teacher_ref = record_teacher(run_id, teacher_ref, uri)
-    result = fit(cfg, run_name, run_id, uri, teacher_ref, callbacks=[SweepReportCallback(cfg.optim.total_steps)])
-    if result.error:
+
+    def tag(run_id: str) -> None:  # once the MLflow run exists (found again by its run-name tag when restored)
+        client = MlflowClient(uri)
+        for k, v in {PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id}.items():
+            client.set_tag(run_id, k, v)
+        for key, value in config.items():
+            client.set_tag(run_id, f"sweep.{key}", str(value))  # the raw draw (huber_c: before `times`)
+
+    result = run(cfg, run_name, callbacks=[SweepReportCallback(cfg.optim.total_steps)], before_fit=tag)
+    if result.status == "failed":
         raise result.error
+    if result.status == "diverged":
+        tune.report({"step": result.metrics.get("step", 0), "status": "diverged", "fid_best": math.inf})
+        return
     if result.checkpoint is None:
         raise RuntimeError(f"trial {run_name} finished without a checkpoint")
-    if not client.get_run(run_id).data.tags.get(MODEL_TAG):  # else: a restored trial that had already finished
-        with tempfile.TemporaryDirectory() as d, result.checkpoint.as_directory() as ckpt:
-            model_dir = export_model(Path(ckpt), Path(d) / "model")
+    client = MlflowClient(uri)
+    if not client.get_run(result.run_id).data.tags.get(MODEL_TAG):  # else: a restored trial that had finished
+        with tempfile.TemporaryDirectory() as d:
+            model_dir = export_model(result.checkpoint, Path(d) / "model")
             unregistered = cfg.model_copy(
                 update={"tracking": cfg.tracking.model_copy(update={"registered_model": None})})
-            log_and_register(run_id, model_dir, unregistered, uri)  # registered later only if it wins a budget
-        client.set_tag(run_id, MODEL_TAG, "true")
-    tune.report(with_fid_best(result.metrics))  # the final result, after the model is safe
+            log_and_register(result.run_id, model_dir, unregistered, uri)  # registered only if it wins a budget
+        client.set_tag(result.run_id, MODEL_TAG, "true")
+    tune.report({**with_fid_best(result.metrics), "status": "finished"})  # the final result, after the model is safe
