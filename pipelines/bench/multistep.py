@@ -2,11 +2,11 @@
 
     python -m pipelines.bench multistep [--steps 800 --batch 32 --threads 2 --fid-n 500 --ref-n 1000] [--quick]
 
-Not a test and not the distributed pipeline: one process, `--threads` torch threads, every run step-matched
-(same optimizer steps and batch). Each run is the matching fashion-* preset (network, optimizer, EMA, schedule)
-with its objective overridden, trained on the in-memory training split with fewstep's own model, objective,
-EMA, Generator and teacher code. FID: `--fid-n` class-balanced EMA samples vs the first `--ref-n` test images
-padded to 32x32 (cached under outputs/bench_quality/).
+Every run is `pipelines.train` with `engine.backend=local` (one process, `--threads` torch threads, the same
+loop and train_step as the distributed run) on the Fashion-MNIST shards of `make data`, step-matched (same
+optimizer steps and batch): the matching fashion-* preset (network, optimizer, EMA, schedule) with its objective
+overridden. FID: `--fid-n` class-balanced EMA samples vs the first `--ref-n` test images, padded like the training
+data (statistics cached next to the test shards).
 
 Runs (10 trainings): the diffusion teacher (FID at 8, 32, 128 DDIM steps); multistep CT at S = 1, 2, 4, 8;
 multistep CD of that teacher (init from its weights, aDDIM teacher steps, annealed) at S = 1, 2, 4, 8; CD S = 4
@@ -23,20 +23,18 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fewstep import fid
-from fewstep import teacher as teachers
 from fewstep.config import TrainConfig, load_config
-from fewstep.distributed import build_optimizer, lr_schedule
-from fewstep.evaluation import balanced_labels
+from fewstep.engine import export_model, run
+from fewstep.evaluation import balanced_labels, heldout_reference
 from fewstep.generator import Generator
 from fewstep.networks import count_parameters
-from fewstep.objectives import build_model, build_objective
-from pipelines.bench_quality import load_fashion, ref_stats
+from fewstep.objectives import build_model
 from pipelines.presets import preset_path
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +47,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fid-n", type=int, default=500, help="Generated images per FID.")
     p.add_argument("--ref-n", type=int, default=1000, help="Test images in the FID reference.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=Path, default=REPO / "data/fashion-mnist",
+                   help="folder with train/ and test/ shards (make data)")
     p.add_argument("--quick", action="store_true", help="Toy budget that only checks the benchmark runs end to end.")
     args = p.parse_args(argv)
     if args.quick:
@@ -59,48 +59,34 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def config(preset: str, args: argparse.Namespace, **objective) -> TrainConfig:
     """The preset at this benchmark's budget; teacher-step annealing over the first half, as the presets do."""
     sets = [f"optim.batch_size={args.batch}", f"optim.total_steps={args.steps}",
-            f"optim.warmup_steps={min(50, args.steps // 4)}"]
+            f"optim.warmup_steps={min(50, args.steps // 4)}", "engine.backend=local", "engine.num_workers=1",
+            f"engine.threads_per_worker={args.threads}", "eval.fid_every=0", "tracking.registered_model=null",
+            f"tracking.uri=sqlite:///{(args.out / 'mlflow.db').absolute()}",
+            f"engine.storage_path={args.out.absolute()}",
+            f"data.shards={args.shards}/train", f"data.test_shards={args.shards}/test", f"seed={args.seed}"]
     if preset != "fashion-diffusion":
         sets.append(f"objective.anneal_steps={max(1, args.steps // 2)}")
     sets += [f"objective.{k}={json.dumps(v)}" for k, v in objective.items()]
     return load_config(preset_path(preset), None, sets)
 
 
-def train(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
-          teacher: teachers.FrozenTeacher | None = None) -> tuple[torch.nn.Module, dict]:
-    """Plain loop: Adam + warm-up, EMA for evaluation; returns the EMA model and timings."""
-    torch.manual_seed(args.seed)
-    model = build_model(cfg).train()
-    if teacher is not None and cfg.objective.init_from_teacher:
-        teachers.init_student(model, teacher)
-    opt = build_optimizer(model.parameters(), cfg.optim)
-    sched = lr_schedule(opt, cfg.optim)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay))
-    objective = build_objective(cfg)
-    extra = {"teacher": teacher} if teacher is not None else {}
-    g = torch.Generator().manual_seed(args.seed)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.optim.total_steps):
-        idx = torch.randint(0, len(x), (cfg.optim.batch_size,), generator=g)
-        loss, _ = objective.loss(model, x[idx], y[idx], step, **extra)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
-        losses.append(loss.item())
-    seconds = time.perf_counter() - t0
-    return ema.module.eval(), {"train_s": seconds, "img_per_s": cfg.optim.total_steps * cfg.optim.batch_size / seconds,
-                               "final_loss": float(np.mean(losses[-50:]))}
+def train(cfg: TrainConfig, name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """One local run of the pipeline; returns the exported EMA model and timings."""
+    r = run(cfg, name)
+    if r.status != "finished":
+        raise SystemExit(f"{name}: training {r.status}: {r.message}")
+    model_dir = export_model(r.checkpoint, args.out / name)
+    images = cfg.optim.total_steps * cfg.optim.batch_size
+    return Generator.from_dir(model_dir).model, {"train_s": r.seconds, "img_per_s": images / r.seconds,
+                                                 "model_dir": str(model_dir)}
 
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    x, y = load_fashion("train")
-    reference = ref_stats(args.ref_n)
     features = fid.InceptionFeatures(threads=args.threads)
+    reference = heldout_reference(f"{args.shards}/test", args.ref_n, 32, features)
     labels = balanced_labels(args.fid_n, 10)
     results: dict[str, dict] = {}
     record = {"budget": {k: v for k, v in vars(args).items() if k != "out"}, "runs": results}
@@ -119,29 +105,28 @@ def main(argv: list[str]) -> None:
     tcfg = config("fashion-diffusion", args)
     print(f"budget: {args.steps} steps x batch {args.batch}, {args.threads} threads, FID {args.fid_n} vs "
           f"{args.ref_n}; network {count_parameters(build_model(tcfg)) / 1e6:.2f}M params", flush=True)
-    teacher_model, info = train(tcfg, x, y, args)
+    teacher_model, info = train(tcfg, "teacher", args)
     evaluate("diffusion (DDIM)", teacher_model, tcfg, info, [8, 32, 128])
     evaluate("diffusion (aDDIM)", teacher_model, tcfg, info, [8], sampler="addim")
-    teacher_dir = Generator(teacher_model, tcfg).save(args.out / "teacher")
-    teacher = teachers.load(str(teacher_dir), "")
+    teacher_dir = info["model_dir"]
 
     # 2. multistep CT and CD at S = 1, 2, 4, 8: each model samples in exactly its S steps
     for S in (1, 2, 4, 8):
         cfg = config("fashion-mct", args, student_steps=S)
-        evaluate(f"CT S={S}", *_trained(cfg, x, y, args), [S])
+        evaluate(f"CT S={S}", *_trained(cfg, f"ct-s{S}", args), [S])
         cfg = config("fashion-mcd", args, student_steps=S, teacher=str(teacher_dir))
-        evaluate(f"CD S={S}", *_trained(cfg, x, y, args, teacher), [S])
+        evaluate(f"CD S={S}", *_trained(cfg, f"cd-s{S}", args), [S])
     # 3. the teacher-step ablations at S = 4 [MCM Tables 2, 4]
     cfg = config("fashion-mcd", args, student_steps=4, teacher=str(teacher_dir), teacher_sampler="ddim")
-    evaluate("CD S=4 DDIM teacher", *_trained(cfg, x, y, args, teacher), [4])
+    evaluate("CD S=4 DDIM teacher", *_trained(cfg, "cd-s4-ddim", args), [4])
     n_end = cfg.objective.n_end
     cfg = config("fashion-mcd", args, student_steps=4, teacher=str(teacher_dir), n_start=n_end)
-    evaluate(f"CD S=4 fixed N={n_end}", *_trained(cfg, x, y, args, teacher), [4])
+    evaluate(f"CD S=4 fixed N={n_end}", *_trained(cfg, "cd-s4-fixed", args), [4])
     report(results)
 
 
-def _trained(cfg, x, y, args, teacher=None):
-    model, info = train(cfg, x, y, args, teacher)
+def _trained(cfg, name, args):
+    model, info = train(cfg, name, args)
     return model, cfg, info
 
 

@@ -17,6 +17,7 @@ Results: a table on stdout and `--out`/results.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -32,7 +33,28 @@ from fewstep import teacher as teachers
 from fewstep.data.sources import FASHION_MNIST_CLASSES, caption
 from fewstep.generator import Generator
 from fewstep.tracking import resolve_uri
-from pipelines.bench_quality import load_fashion, ref_stats
+
+REF_CACHE = Path("outputs/bench_t2i")
+
+
+def load_fashion(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as (N, 1, 32, 32) float in [-1, 1] (28x28 padded with -1) and (N,) int64 labels: the judge
+    classifier's data (the generators themselves train from shards)."""
+    from fewstep.data.sources import fashion_mnist
+
+    samples = list(fashion_mnist("train" if split == "train" else "test"))
+    images = np.stack([s["image"].reshape(28, 28) for s in samples])[:, None]  # (N, 1, 28, 28) uint8
+    x = torch.nn.functional.pad(torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0), (2, 2, 2, 2), value=-1.0)
+    return x, torch.tensor([s["cls"] for s in samples], dtype=torch.int64)
+
+
+def ref_stats(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the first n test images as the models see them (32x32, padded with black)."""
+    from fewstep.data.sources import fashion_mnist
+
+    images = np.stack([s["image"].reshape(28, 28, 1) for s in itertools.islice(fashion_mnist("test"), n)])
+    return fid.reference_stats(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), REF_CACHE / f"ref_test{n}_32.npz")
+
 
 PROMPTS = [caption(c) for c in FASHION_MNIST_CLASSES]
 
