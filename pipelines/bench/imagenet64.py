@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fewstep.config import TrainConfig, load_config
 from fewstep.networks import count_parameters
-from fewstep.objectives import build_model, build_objective
+from fewstep.objectives import build_model, build_objective, capabilities
 from pipelines.presets import preset_path
 
 PRESETS = ("imagenet64-ict", "imagenet64-mct", "imagenet64-mcd")
@@ -36,7 +36,7 @@ def preset_config(name: str, quick: bool) -> TrainConfig:
     return load_config(preset_path(name), None, sets + (QUICK_NET if quick else []))
 
 
-def train_step(cfg: TrainConfig, model, teacher, batch: int, step: int) -> None:
+def step_compute(cfg: TrainConfig, model, teacher, batch: int, step: int) -> None:
     """One training step's compute at `batch` images: the objective's loss and backward (the optimizer's
     elementwise update is left out: it is O(params), not O(params x pixels))."""
     x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
@@ -50,16 +50,16 @@ def train_step(cfg: TrainConfig, model, teacher, batch: int, step: int) -> None:
 def flops_per_image(cfg: TrainConfig, model, teacher) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(cfg, model, teacher, batch=1, step=0)
+        step_compute(cfg, model, teacher, batch=1, step=0)
     return float(counter.get_total_flops())
 
 
 def seconds_per_step(cfg: TrainConfig, model, teacher, batch: int, steps: int) -> float:
-    train_step(cfg, model, teacher, batch, step=0)  # warm-up (allocator, lazy inits)
+    step_compute(cfg, model, teacher, batch, step=0)  # warm-up (allocator, lazy inits)
     times = []
     for k in range(steps):
         t0 = time.perf_counter()
-        train_step(cfg, model, teacher, batch, step=k)
+        step_compute(cfg, model, teacher, batch, step=k)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     for name in PRESETS:
         cfg = preset_config(name, args.quick)
         model = build_model(cfg).train()
-        teacher = build_model(cfg).eval().requires_grad_(False) if cfg.objective.name == "multistep_cd" else None
+        teacher = build_model(cfg).eval().requires_grad_(False) if capabilities(cfg).teacher == "required" else None
         flops = flops_per_image(cfg, model, teacher)
         rows.append((name, cfg, flops))
         print(f"{name}: {count_parameters(model) / 1e6:.1f}M params, {flops / 1e9:.1f} GFLOP per image per "
