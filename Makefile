@@ -1,4 +1,5 @@
-# fewstep: `make demo` trains the CPU demo end to end; `make test` runs the test suite.
+# fewstep: `make demo` trains the CPU demo end to end; `make test` runs the test suite (`make test-fast`: no
+# integration tests).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install fashion-mnist data demo demo-t2i up down test lint clean
+.PHONY: install fashion-mnist data demo demo-t2i up down test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +72,10 @@ demo-t2i: install fashion-mnist $(T2I_DATA)/train/manifest.json up
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests that start Ray / DeepSpeed / MLflow (pytest -m integration).
+test-fast: install fashion-mnist
+	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: install
 	$(BIN)/ruff check platform pipelines tune tests

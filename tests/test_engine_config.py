@@ -121,8 +121,15 @@ def test_a_job_driver_does_not_import_the_network_library():
                          env={**os.environ, "PYTHONPATH": f"{root / 'platform'}:{root}"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    cfg = cfg_with()
-    assert build_model(cfg).__class__.__name__ and "diffusers" in sys.modules  # building a net still loads it
+    # building a net still loads it (a fresh process: this one may have imported diffusers long before)
+    code = ("import sys, fewstep.config, fewstep.objectives; before = 'diffusers' in sys.modules; "
+            "cfg = fewstep.config.build_config({'network': {'channels': [8, 16], 'attention': [False, False], "
+            "'attention_head_dim': 8}}); fewstep.objectives.build_model(cfg); "
+            "print(before, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": f"{root / 'platform'}:{root}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False True"
 
 
 def test_lr_warms_up_holds_then_decays_linearly_to_zero_at_the_last_step():

@@ -1,7 +1,10 @@
 """The ImageNet-64 presets through the real pipeline: each preset's config at reduced width (same ADM block types,
-depth and attention levels; channels scaled down) trains two steps with 2 DeepSpeed workers under the session Ray
-cluster, logging to the real MLflow server, on ImageNet-format shards written here (`.jpg` + `.cls`, 1000
-classes, 64x64 RGB). imagenet64-mcd distils a reduced-width imagenet64-diffusion teacher exported to a directory."""
+depth and attention levels; channels scaled down) keeps the preset's architecture and objective, and one of them,
+imagenet64-mcd, trains two steps with 2 DeepSpeed workers under the session Ray cluster, logging to the real
+MLflow server, on ImageNet-format shards written here (`.jpg` + `.cls`, 1000 classes, 64x64 RGB). It distils a
+reduced-width imagenet64-diffusion teacher exported to a directory, and its registered student serves 64x64 RGB
+images. The engine, tracking and registry are the same for every objective: the iCT spine and the diffusion ->
+multistep CD runs in test_train_integration.py train the other objectives end to end at 32x32."""
 
 from __future__ import annotations
 
@@ -84,20 +87,23 @@ def block_types(cfg: TrainConfig) -> list[str]:
     return [f"{type(b).__name__}x{len(b.resnets)}" for b in blocks]
 
 
-def test_imagenet64_presets_train_two_steps_at_reduced_width(ray_cluster, mlflow_server, imagenet_shards, tmp_path):
+def test_imagenet64_presets_at_reduced_width_and_mcd_trains_two_steps(
+    ray_cluster, mlflow_server, imagenet_shards, tmp_path
+):
     client = MlflowClient(mlflow_server)
     # the teacher imagenet64-mcd distils: imagenet64-diffusion at the same reduced width, exported like a model
     teacher_cfg = reduced("imagenet64-diffusion", imagenet_shards, mlflow_server, tmp_path / "runs")
     torch.manual_seed(0)
     teacher_dir = Generator(build_model(teacher_cfg), teacher_cfg).save(tmp_path / "teacher")
-
-    for name, sets in (
-        ("imagenet64-ict", {"tracking.registered_model": "it-imagenet64-ict"}),
-        ("imagenet64-mct", {}),
-        ("imagenet64-mcd", {"objective.teacher": str(teacher_dir)}),
-    ):
+    sets = {
+        "imagenet64-ict": {},
+        "imagenet64-mct": {},
+        "imagenet64-mcd": {"objective.teacher": str(teacher_dir), "tracking.registered_model": "it-imagenet64-mcd"},
+    }
+    configs = {}
+    for name in sets:
         full = load_config(preset_path(name), None, ["objective.teacher=x"] if name.endswith("mcd") else [])
-        cfg = reduced(name, imagenet_shards, mlflow_server, tmp_path / "runs", **sets)
+        cfg = configs[name] = reduced(name, imagenet_shards, mlflow_server, tmp_path / "runs", **sets[name])
         # same architecture as the preset, only narrower: ADM blocks, depth and attention levels unchanged
         assert block_types(cfg) == block_types(full), name
         assert (cfg.network.scale_shift_norm, cfg.network.resblock_updown) == (True, True)
@@ -105,22 +111,23 @@ def test_imagenet64_presets_train_two_steps_at_reduced_width(ray_cluster, mlflow
         assert mine == paper, name  # the objective exactly as the preset has it
         assert (cfg.data.num_classes, cfg.data.image_size, cfg.data.channels) == (CLASSES, 64, 3)
 
-        s = train(cfg, run_name=f"it-{name}", output_dir=tmp_path / "out")
-        assert s.steps == 2, name
-        run = client.get_run(s.run_id)
-        assert run.data.params["objective.name"] == full.objective.name
-        assert run.data.params["network.channels"] == str(REDUCED["network.channels"])
-        loss = client.get_metric_history(s.run_id, "loss")
-        assert sorted(m.step for m in loss) == [1, 2] and all(math.isfinite(m.value) for m in loss), name
-        # finished shards' JPEG samples were decoded (counts come per finished shard) and none was refused
-        read = client.get_metric_history(s.run_id, "data_samples_read")
-        assert read and read[-1].value >= PER_SHARD, name
-        assert client.get_metric_history(s.run_id, "data_skipped")[-1].value == 0, name
-        assert Image.open(s.samples_png).size[0] >= 64, name
-        if name == "imagenet64-mcd":
-            assert run.data.tags["fewstep.teacher"] == str(teacher_dir)
-    # the registered iCT model serves 64x64 RGB images for ImageNet class labels
-    mv = client.get_model_version_by_alias("it-imagenet64-ict", "champion")
+    cfg = configs["imagenet64-mcd"]
+    s = train(cfg, run_name="it-imagenet64-mcd", output_dir=tmp_path / "out")
+    assert s.steps == 2
+    run = client.get_run(s.run_id)
+    assert run.data.params["objective.name"] == "multistep_cd"
+    assert run.data.params["network.channels"] == str(REDUCED["network.channels"])
+    loss = client.get_metric_history(s.run_id, "loss")
+    assert sorted(m.step for m in loss) == [1, 2] and all(math.isfinite(m.value) for m in loss)
+    # finished shards' JPEG samples were decoded (counts come per finished shard) and none was refused
+    read = client.get_metric_history(s.run_id, "data_samples_read")
+    assert read and read[-1].value >= PER_SHARD
+    assert client.get_metric_history(s.run_id, "data_skipped")[-1].value == 0
+    assert Image.open(s.samples_png).size[0] >= 64
+    assert run.data.tags["fewstep.teacher"] == str(teacher_dir)
+    # the registered student serves 64x64 RGB images for ImageNet class labels in its S = 4 steps
+    mv = client.get_model_version_by_alias("it-imagenet64-mcd", "champion")
+    assert mv.run_id == s.run_id
     gen = Generator.from_dir(client.download_artifacts(mv.run_id, "model/artifacts/model", str(tmp_path / "m")))
-    images = gen.generate(2, num_steps=1, labels=np.array([0, CLASSES - 1]))
+    images = gen.generate(2, num_steps=cfg.objective.student_steps, labels=np.array([0, CLASSES - 1]))
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8

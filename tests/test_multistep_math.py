@@ -58,7 +58,17 @@ def test_addim_with_zero_variance_is_ddim_and_adds_variance_otherwise():
     eps_d = ddim(x, z_t, t, s, VP) - alpha_sigma(s, VP)[0].view(-1, 1, 1, 1) * x
     eps_a = addim(x, z_t, t, s, analytic_x_var(t, VP), VP) - alpha_sigma(s, VP)[0].view(-1, 1, 1, 1) * x
     assert torch.all(eps_a.flatten(1).norm(dim=1) > eps_d.flatten(1).norm(dim=1))
-    assert torch.allclose(analytic_x_var(t, VP), 0.1 / (2 + snr(t, VP)))
+
+
+def test_analytic_x_var_at_exactly_known_cosine_points():
+    """x_var = 0.1 / (2 + alpha_t^2 / sigma_t^2), cosine schedule (alpha_t = cos(pi t / 2)), by hand:
+    t = 1/3: alpha = cos(pi/6) = sqrt(3)/2, sigma = 1/2, SNR 3 -> 0.1/5; t = 1/2: SNR 1 -> 0.1/3;
+    t = 2/3: alpha = 1/2, sigma = sqrt(3)/2, SNR 1/3 -> 0.1/(7/3) = 3/70; t -> 1: SNR -> 0, x_var -> 0.05;
+    t -> 0: SNR -> infinity, x_var -> 0."""
+    t = torch.tensor([1 / 3, 0.5, 2 / 3, 1.0, 0.0], dtype=F64)
+    expected = torch.tensor([0.02, 0.1 / 3, 3 / 70, 0.05, 0.0], dtype=F64)
+    # t = 1 and 0 are clipped to t_max / t_min = 1 - 1e-4 / 1e-4: SNR = tan^2(pi/2 * 1e-4) ~ 2.5e-8 or its inverse
+    torch.testing.assert_close(analytic_x_var(t, VP), expected, rtol=1e-12, atol=1e-8)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "addim"])

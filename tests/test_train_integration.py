@@ -89,29 +89,6 @@ def test_train_track_register_and_load_in_fresh_process(ray_cluster, mlflow_serv
     assert (shards / "fid_stats_10_32px.npz").is_file()  # reference statistics cached next to the shards
 
 
-def test_multistep_ct_through_the_same_pipeline(ray_cluster, mlflow_server, shards, tmp_path):
-    """objective.name selects multistep consistency training; engine, tracking and registry are unchanged."""
-    cfg = tiny_config(
-        shards,
-        mlflow_server,
-        tmp_path / "runs",
-        **{
-            "objective": {"name": "multistep_ct", "student_steps": 2},
-            "optim.total_steps": 4,
-            "engine.checkpoint_every": 4,
-            "eval.every": 4,
-            "eval.steps": [2],
-            "tracking.registered_model": "it-fashion-mct",
-        },
-    )
-    s = train(cfg, run_name="it-mct", output_dir=tmp_path / "out")
-    assert s.steps == 4
-    client = MlflowClient(mlflow_server)
-    assert {m.step for m in client.get_metric_history(s.run_id, "n_teacher")} == {1, 2, 3, 4}
-    mv = client.get_model_version_by_alias("it-fashion-mct", "champion")
-    assert mv.run_id == s.run_id
-
-
 def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cluster, mlflow_server, shards, tmp_path):
     """The S = infinity end trains and registers like any model (with a tiny in-training FID); its registered
     version is then the frozen teacher of multistep CD, whose student starts from the teacher's weights."""
