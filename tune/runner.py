@@ -50,7 +50,7 @@ def base_tree(cfg: TrainConfig, uri: str) -> dict:
 
 
 def concurrency(cfg: TrainConfig, space: Space) -> int:
-    """Trials at once: the cluster's CPUs over one trial's workers, keeping one CPU for Ray Data (STACK.md)."""
+    """Trials at once: the cluster's CPUs over one trial's workers, keeping one CPU for Ray Data."""
     if space.sweep.max_concurrent:
         return space.sweep.max_concurrent
     per_trial = cfg.engine.num_workers * cfg.engine.cpus_per_worker
@@ -98,7 +98,7 @@ def run_sweep(
     max_steps = max(space.sweep.budgets.values())
     trainable = tune.with_parameters(run_trial, base_tree=base_tree(cfg, uri), scale=space.scale, sweep=name,
                                      parent_run_id=parent, max_steps=max_steps)
-    # The trial actor only drives the inner TorchTrainer; its workers reserve the CPUs (STACK.md: a 1-CPU trial
+    # The trial actor only drives the inner TorchTrainer; its workers reserve the CPUs (a 1-CPU trial
     # driver starves the trainers of two concurrent trials).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
     storage = os.path.abspath(os.path.expanduser(space.sweep.storage_path))

@@ -1,4 +1,4 @@
-"""Named presets: YAML files beside this module (outside the library, per STYLE.md)."""
+"""Named presets: YAML files beside this module (outside the library)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The diffusion objective: the S -> infinity end of multistep consistency models (ALGORITHMS.md sections 2-3).
+"""The diffusion objective: the S -> infinity end of multistep consistency models (docs/algorithms.md sections 2-3).
 
 Same VP parameterization (x-prediction through a v-head, vp.VPPrecond), same weighting w(t) = SNR(t) + 1 and the
 same distance registry as multistep.py. With one teacher step per segment (T = S) the MCM-CT target

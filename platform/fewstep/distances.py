@@ -1,4 +1,4 @@
-"""Per-sample distances between image batches, one registry (STYLE.md: no per-objective if/elif copies)."""
+"""Per-sample distances between image batches, one registry (no per-objective if/elif copies)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Variance-exploding EDM parameterization used by iCT (ALGORITHMS.md section 1).
+"""Variance-exploding EDM parameterization used by iCT (docs/algorithms.md section 1).
 
 x_sigma = x + sigma * z; data in [-1, 1]. The preconditioner enforces the consistency boundary condition
 f(x, sigma_min) = x through the sigma_min offset in c_skip and c_out [CM eq. 5, iCT].

@@ -47,7 +47,7 @@ STATUS_TAG = "fewstep.status"  # finished | diverged | failed, of the run's last
 
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join the running cluster (RAY_ADDRESS, a `ray job`, or `ray start` on this machine); else start a
-    local one with more logical CPUs than the workers reserve, so Ray Data keeps a budget (STACK.md)."""
+    local one with more logical CPUs than the workers reserve, so Ray Data keeps a budget."""
     if ray.is_initialized():
         return
     try:

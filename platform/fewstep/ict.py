@@ -1,4 +1,4 @@
-"""Improved Consistency Training, Song & Dhariwal, ICLR 2024 (ALGORITHMS.md section 1).
+"""Improved Consistency Training, Song & Dhariwal, ICLR 2024 (docs/algorithms.md section 1).
 
 The teacher is the student itself under stop-gradient (no EMA teacher), evaluated with the same noise z
 and the same dropout mask; the EMA copy exists only for evaluation.
@@ -74,7 +74,7 @@ class ICTObjective(Objective):
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def n_levels(self, step: int) -> int:
-        # Every rank evaluates this from the global step: no rank-0-only curriculum (ALGORITHMS.md pitfalls).
+        # Every rank evaluates this from the global step: no rank-0-only curriculum (docs/algorithms.md pitfalls).
         return curriculum_n(step, self.total_k, self.cfg.s0, self.cfg.s1)
 
     def _levels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Multistep Consistency Models, Heek, Hoogeboom & Salimans 2024 (ALGORITHMS.md section 2).
+"""Multistep Consistency Models, Heek, Hoogeboom & Salimans 2024 (docs/algorithms.md section 2).
 
 [0, 1] is split into S segments; within each, f(z_t, t) is the x for which one DDIM step from t lands where the
 teacher's ODE reaches the segment start t_step. S = 1 is a consistency model; S -> infinity is a diffusion model

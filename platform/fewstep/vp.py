@@ -1,4 +1,4 @@
-"""Variance-preserving parameterization for multistep consistency models and diffusion (ALGORITHMS.md section 2).
+"""Variance-preserving parameterization for multistep consistency models and diffusion (docs/algorithms.md section 2).
 
 z_t = alpha_t x + sigma_t eps, sigma_t^2 = 1 - alpha_t^2, continuous t in [0, 1] [MCM sec. 2]. Every tensor of
 images is (B, C, H, W) and every time is per sample, (B,); a 0-dim time broadcasts over the batch.
