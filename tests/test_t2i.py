@@ -136,6 +136,6 @@ def test_t2i_teacher_then_guided_multistep_cd_then_served_with_prompts(ray_clust
     b = t.predict(prompts, params={"num_steps": 3, "guidance": 3.0})
     assert a.shape == (3, 32, 32, 1) and not np.array_equal(a, b)
     gen = Generator.from_dir(student.samples_png.parent / "model")
-    refused = "guidance=2.0 applies to text-to-image models whose objective samples with guidance; this is a text-to-image "
-    with pytest.raises(ValueError, match=refused + "multistep_cd model"):
+    refused = "guidance=2.0 applies to text-to-image models whose objective samples with guidance; this is a "
+    with pytest.raises(ValueError, match=refused + "text-to-image multistep_cd model"):
         gen.generate(1, num_steps=4, labels=["a bag"], guidance=2.0)
