@@ -1,7 +1,8 @@
 """The run configuration: one typed tree assembled from each component's own config.
 
-Load order: preset YAML -> optional user YAML (deep-merged) -> `--set dotted.key=value` overrides. Validation
-errors name the dotted field that is wrong.
+Load order: preset YAML -> optional user YAML (deep-merged) -> `--set dotted.key=value` overrides. A YAML file
+may start from another with `base: OTHER.yaml` (relative to itself); its own keys are deep-merged over the base.
+Validation errors name the dotted field that is wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fewstep.text import TextConfig
 from fewstep.tracking import TrackingConfig
 
 __all__ = ["ConfigError", "EMAConfig", "EngineConfig", "EvalConfig", "OptimConfig", "TrackingConfig", "TrainConfig",
-           "build_config", "load_config"]
+           "build_config", "load_config", "read_config_file", "set_dotted"]
 
 
 class FP16Config(BaseModel):
@@ -185,18 +186,27 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply `a.b.c=value` in place; the value is parsed as YAML (numbers, lists, booleans, null)."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree["a"]["b"]["c"] = value for key "a.b.c", creating sections on the way."""
     parts = key.strip().split(".")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {p!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+            raise ConfigError(f"{key}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` in place; the value is parsed as YAML (numbers, lists, booleans, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({e.problem or e})") from None
+    set_dotted(tree, key, value)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -210,6 +220,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's tree with `base: OTHER.yaml` inheritance: the base (a path relative to this file, itself
+    possibly with a base) is read first and this file deep-merged over it."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: `base:` inheritance loops: {' -> '.join(str(p) for p in (*_seen, path))}")
+    tree = read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} not found (looked for {base_path})")
+    return deep_merge(read_config_file(base_path, (*_seen, path)), tree)
 
 
 def build_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -227,9 +255,9 @@ def build_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
 def load_config(
     preset_file: str | Path | None = None, config_file: str | Path | None = None, overrides: list[str] = ()
 ) -> TrainConfig:
-    tree: dict[str, Any] = read_yaml(preset_file) if preset_file else {}
+    tree: dict[str, Any] = read_config_file(preset_file) if preset_file else {}
     if config_file:
-        tree = deep_merge(tree, read_yaml(config_file))
+        tree = deep_merge(tree, read_config_file(config_file))
     for o in overrides:
         apply_override(tree, o)
     srcs = [str(s) for s in (preset_file, config_file) if s] + [f"--set {o}" for o in overrides]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
+from fewstep import modelref
 from fewstep.data.shards import iter_samples, resolve_shards
 from fewstep.fid import InceptionFeatures, frechet_distance, reference_stats, stats
 
@@ -38,7 +38,7 @@ class EvalConfig(BaseModel):
     )
     fid_n: int = Field(
         256, ge=2,
-        description="Generated images per step count. Small on purpose (Inception runs ~6 img/s on one CPU "
+        description="Generated images per step count. Small on purpose (Inception is slow on a CPU "
         "thread): an in-training FID is biased upward and only comparable between equal fid_n.",
     )
     fid_n_ref: int = Field(
@@ -55,16 +55,6 @@ class Evaluation:
     name: str | None
     version: str | None
     run_id: str | None
-
-
-def model_version(uri: str) -> tuple[str, str] | None:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, version); other URIs -> None."""
-    client = MlflowClient()
-    if m := re.fullmatch(r"models:/([^/@]+)@(.+)", uri):
-        return m[1], client.get_model_version_by_alias(m[1], m[2]).version
-    if m := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
-        return m[1], m[2]
-    return None
 
 
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:
@@ -151,7 +141,7 @@ def evaluate(
         lambda s: model.predict(frame, params={"num_steps": s, "seed": seed, **extra}),
         steps, (mu_ref, sigma_ref), features,
     )
-    found = model_version(uri)
+    found = modelref.version_of(uri)
     name, version = found if found else (None, None)
     run_id = MlflowClient().get_model_version(name, version).run_id if found else None
     if log and run_id:

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fewstep.config import TrainConfig, build_config
+from fewstep.config import TrainConfig, build_config, set_dotted
 from fewstep.objectives import build_objective
 
 FID_PREFIX = "fid_steps_"
@@ -51,14 +51,6 @@ class SweepReportCallback(TuneReportCallback):
         if metrics[0].get("step", 0) >= self.total_steps:
             return
         super().after_report(run_context, [with_fid_best(metrics[0]), *metrics[1:]], checkpoint)
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
 
 
 def apply(base_tree: dict[str, Any], sample: dict[str, Any], scale: dict[str, float]) -> dict[str, Any]:

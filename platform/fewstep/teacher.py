@@ -11,52 +11,37 @@ small, so it is replicated in eval mode without DeepSpeed, and an alias moved mi
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from torch import nn
 
+from fewstep import modelref
 from fewstep.config import ConfigError, TrainConfig, build_config
 from fewstep.generator import CONFIG, WEIGHTS, Generator
 
-_ALIAS = re.compile(r"models:/([^/@]+)@(.+)")
-_VERSION = re.compile(r"models:/([^/@]+)/(\d+)")
 # Fields of network config that do not change the parameters: the student may train with its own dropout.
 _NO_WEIGHTS = {"dropout"}
 
 
-def is_registry_uri(ref: str) -> bool:
-    return ref.startswith("models:/")
+def pin(ref: str, tracking_uri: str, field: str = "objective.teacher") -> str:
+    """The version an alias points at now (`models:/NAME/VERSION`), or a directory's absolute path."""
+    try:
+        return modelref.pin(ref, tracking_uri)
+    except modelref.ModelRefError as e:
+        raise ConfigError(f"{field}={e}") from None
 
 
-def pin(ref: str, tracking_uri: str) -> str:
-    """models:/NAME@ALIAS -> models:/NAME/VERSION (the version the alias points at now); a directory -> its
-    absolute path (Ray workers do not run in the driver's working directory)."""
-    if m := _ALIAS.fullmatch(ref):
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        try:
-            version = client.get_model_version_by_alias(m[1], m[2]).version
-        except MlflowException as e:
-            raise ConfigError(f"objective.teacher={ref!r}: not found in the registry at {tracking_uri}: {e}") from None
-        return f"models:/{m[1]}/{version}"
-    if is_registry_uri(ref) and not _VERSION.fullmatch(ref):
-        raise ConfigError(f"objective.teacher={ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    return ref if is_registry_uri(ref) else str(Path(ref).expanduser().resolve())
-
-
-def model_dir(ref: str, tracking_uri: str, dst: str | Path, only_config: bool = False) -> Path:
-    """A directory holding the teacher's weights.safetensors + config.yaml (downloaded for a registry URI)."""
-    if is_registry_uri(ref):
+def model_dir(ref: str, tracking_uri: str, dst: str | Path, only_config: bool = False,
+              field: str = "objective.teacher") -> Path:
+    """A directory holding the model's weights.safetensors + config.yaml (downloaded for a registry URI)."""
+    if modelref.is_registry_uri(ref):
         import mlflow.artifacts
 
-        m = _VERSION.fullmatch(pin(ref, tracking_uri))
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        source = client.get_model_version_download_uri(m[1], m[2])  # e.g. models:/m-<id> (a LoggedModel)
+        r = modelref.parse(pin(ref, tracking_uri, field))
+        source = modelref.client(tracking_uri).get_model_version_download_uri(r.name, r.version)  # models:/m-<id>
         path = f"{source.rstrip('/')}/artifacts/model" + (f"/{CONFIG}" if only_config else "")
         got = Path(mlflow.artifacts.download_artifacts(path, dst_path=str(dst), tracking_uri=tracking_uri))
         return got.parent if only_config else got
@@ -66,15 +51,14 @@ def model_dir(ref: str, tracking_uri: str, dst: str | Path, only_config: bool = 
         if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
             return candidate
     raise ConfigError(
-        f"objective.teacher={ref!r}: not a registry URI and no {WEIGHTS} + {CONFIG} in it, its model/ or "
-        "artifacts/model/"
+        f"{field}={ref!r}: not a registry URI and no {WEIGHTS} + {CONFIG} in it, its model/ or artifacts/model/"
     )
 
 
-def teacher_config(ref: str, tracking_uri: str) -> TrainConfig:
+def teacher_config(ref: str, tracking_uri: str, field: str = "objective.teacher") -> TrainConfig:
     with tempfile.TemporaryDirectory() as d:
-        path = model_dir(ref, tracking_uri, d, only_config=True) / CONFIG
-        return build_config(yaml.safe_load(path.read_text()), source=f"teacher {ref} {CONFIG}")
+        path = model_dir(ref, tracking_uri, d, only_config=True, field=field) / CONFIG
+        return build_config(yaml.safe_load(path.read_text()), source=f"{field} {ref} {CONFIG}")
 
 
 def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:

@@ -141,8 +141,8 @@ class IdlePollThrottle(ExecutionCallback):
 
     Ray 2.60's StreamingExecutor waits with `ray.wait(active tasks, timeout=0.1)`; a streaming read task whose
     next output is ready but held back by output backpressure is returned as ready at once, so the loop spins
-    at 100% of a core for as long as training is slower than reading (always, on CPU). One core per rank is a
-    third of this box: measured with `python -m pipelines.bench train`, 2 workers ran at 0.9x of 1 worker.
+    at 100% of a core for as long as training is slower than reading (always, on CPU). On a small box that
+    core is taken from training (`python -m pipelines.bench train` measures it).
     A loop step that finds output already queued for the consumer is followed by a short sleep; while the
     consumer waits for data (empty output queue) the loop runs at full speed, so reading throughput is kept.
     """

@@ -9,8 +9,8 @@ cannot say which shards a rank has finished (no mid-epoch resume in Ray Data: ra
 Process. Each rank's Ray Data pipeline runs in a small companion actor (`_EpochReader`, same node, no CPU
 reserved) and the rank pulls chunks of batches from it, one chunk ahead. Run inside the training process,
 Ray Data's streaming executor thread (a Python scheduling loop that polls while its read tasks are
-backpressured) competes with the training step for the GIL: measured in `python -m pipelines.bench train`,
-a 1-worker run trained at 24 img/s with the executor in-process and at ~50 img/s with in-memory batches.
+backpressured) competes with the training step for the GIL (`python -m pipelines.bench train` measures the cost;
+docs/results/benchmarks.md has the figures).
 
 Resume (`state()` at every checkpoint, on every rank; `TrainStream(..., resume=state)` after a restart).
 A shard is finished when every sample of it was handed to training (its report row gives the count). The
