@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_objectives import tiny
 
+from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.config import ConfigError
 from fewstep.generator import Generator
@@ -35,7 +36,7 @@ def test_teacher_loads_frozen_from_a_directory_and_initialises_the_student(teach
     cfg = cd(str(teacher_dir))
     teachers.check_compatible(cfg, teachers.teacher_config(str(teacher_dir), "unused"))
     student = build_model(cfg)
-    teachers.init_student(student, teacher)
+    lineage.load_into(student, str(teacher_dir.parent), "unused")
     for (k, a), b in zip(student.state_dict().items(), teacher.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     # the CD loss runs with it, gradients reach the student only
@@ -48,11 +49,10 @@ def test_teacher_loads_frozen_from_a_directory_and_initialises_the_student(teach
 
 def test_teacher_mismatch_is_a_config_error_naming_the_field(teacher_dir, tmp_path):
     tcfg = teachers.teacher_config(str(teacher_dir), "unused")
-    with pytest.raises(ConfigError, match=r"objective.init_from_teacher=true .*network.channels=\[8, 32\]"):
-        teachers.check_compatible(cd(str(teacher_dir), "network.channels=[8, 32]"), tcfg)
-    # a different width is fine when the student starts from scratch
-    teachers.check_compatible(cd(str(teacher_dir), "network.channels=[8, 32]", "objective.init_from_teacher=false"),
-                              tcfg)
+    with pytest.raises(ConfigError, match=r"init_from='teacher' has another network: network.channels=\[8, 32\]"):
+        lineage.check_compatible(cd(str(teacher_dir), "network.channels=[8, 32]"), tcfg, "teacher")
+    # a different width is fine for the teacher itself (the student then starts from scratch)
+    teachers.check_compatible(cd(str(teacher_dir), "network.channels=[8, 32]", "objective.init_from=null"), tcfg)
     with pytest.raises(ConfigError, match="objective.vp.shift"):
         teachers.check_compatible(cd(str(teacher_dir), "objective.vp.shift=0.5"), tcfg)
     ict = tiny()

@@ -24,7 +24,8 @@ def tiny(*sets: str):
 
 @pytest.mark.parametrize(
     "name, ok_steps, bad_steps",
-    [("ict", [1, 2], 3), ("multistep_ct", [4], 2), ("diffusion", [1, 3, 8], None)],
+    [("ict", [1, 2], 3), ("multistep_ct", [4], 2), ("diffusion", [1, 3, 8], None), ("edm", [1, 2, 5], None),
+     ("ect", [1, 2], 3)],
 )
 def test_each_objective_trains_a_step_and_samples_its_step_counts(name, ok_steps, bad_steps, tmp_path):
     cfg = tiny(f"objective.name={name}", *(["objective.student_steps=4"] if name == "multistep_ct" else []))

@@ -28,7 +28,7 @@ def test_preset_resolves_and_builds(name):
     assert cfg.name == name and cfg.tracking.registered_model
     objective = build_objective(cfg)
     if cfg.objective.name == "multistep_cd":
-        assert cfg.objective.teacher.startswith("models:/") and cfg.objective.init_from_teacher
+        assert cfg.objective.teacher.startswith("models:/") and cfg.objective.init_from == "teacher"
     if name.startswith("imagenet64-m"):  # the paper's settings [MCM App. A.1]
         o = cfg.objective
         assert (cfg.optim.total_steps, cfg.optim.batch_size) == (200_000, 2048) and cfg.network.dropout > 0

@@ -68,6 +68,10 @@ class LocalBackend:
     def full_parameters(self) -> Iterator[None]:
         yield
 
+    @contextlib.contextmanager
+    def master_parameters(self) -> Iterator[list[torch.Tensor]]:
+        yield list(self.module.parameters())
+
     def save(self, d: Path) -> None:
         (d / LOCAL).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.module.state_dict().items()}
@@ -86,8 +90,9 @@ class LocalBackend:
 class DeepSpeedBackend:
     """The DeepSpeed engine as a backend; `full_parameters` gathers ZeRO-3 partitions (a collective call)."""
 
-    def __init__(self, engine, zero_stage: int):
+    def __init__(self, engine, zero_stage: int, mixed_precision: bool = False):
         self.engine, self.zero_stage, self.module = engine, zero_stage, engine.module
+        self.mixed_precision = mixed_precision
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.engine(*args, **kwargs)
@@ -113,6 +118,19 @@ class DeepSpeedBackend:
 
     def full_parameters(self):
         return gathered(self.module, self.zero_stage)
+
+    @contextlib.contextmanager
+    def master_parameters(self) -> Iterator[list[torch.Tensor]]:
+        """Every parameter whole, in fp32 (a collective call: every rank enters). Under bf16/fp16 these are the
+        optimizer's fp32 master weights, not the rounded copies the forward pass uses (docs/algorithms.md
+        section 7)."""
+        if not self.mixed_precision:
+            with gathered(self.module, self.zero_stage):
+                yield list(self.module.parameters())
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        yield [safe_get_full_fp32_param(p) for p in self.module.parameters()]
 
     def save(self, d: Path) -> None:
         self.engine.save_checkpoint(str(d), tag=TAG)
@@ -141,7 +159,7 @@ def build_backend(cfg: TrainConfig, model: nn.Module, world: int) -> Backend:
         model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg.optim),
         config=deepspeed_config(cfg, world),
     )
-    return DeepSpeedBackend(engine, cfg.engine.zero_stage)
+    return DeepSpeedBackend(engine, cfg.engine.zero_stage, mixed_precision=cfg.engine.precision != "fp32")
 
 
 def student_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +23,14 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import save_file
 
+from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.backends import student_state_dict
 from fewstep.config import TrainConfig
 from fewstep.faults import DivergenceError
 from fewstep.generator import STUDENT_WEIGHTS, Generator
 from fewstep.images import grid, save_png
-from fewstep.loop import STATUS, Place, train_loop
+from fewstep.loop import STATUS, Inputs, Place, train_loop
 from fewstep.tracking import (
     diverged,
     log_and_register,
@@ -41,7 +42,6 @@ from fewstep.tracking import (
 from fewstep.worker import train_loop_per_worker
 
 log = logging.getLogger("fewstep")
-TEACHER_TAG = "fewstep.teacher"
 STATUS_TAG = "fewstep.status"  # finished | diverged | failed, of the run's last attempt
 
 
@@ -66,22 +66,22 @@ def storage_dir(cfg: TrainConfig, run_name: str) -> Path | None:
     return Path(os.path.expanduser(cfg.engine.storage_path)).absolute() / run_name
 
 
-def loop_config(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None) -> dict:
-    """What every copy of the loop needs besides the config: absolute paths and a pinned teacher version, since
-    workers run elsewhere and must all see the same files."""
+def resolve_inputs(cfg: TrainConfig, run_id: str, uri: str, teacher: str | None, init_from: str | None) -> Inputs:
+    """What every copy of the loop needs besides the config: absolute paths and pinned versions, since workers run
+    elsewhere and must all see the same files."""
     from fewstep.data.storage import absolute_spec, resolve_shards
 
+    reference = resolve_shards(absolute_spec(cfg.data.test_shards)) if cfg.eval.fid_every else None
+    return Inputs(run_id, uri, teacher, init_from, reference)
+
+
+def loop_config(cfg: TrainConfig, run_name: str, inputs: Inputs) -> dict:
     status = storage_dir(cfg, run_name)
-    return {
-        "config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri, "teacher": teacher_ref,
-        "fid_reference": resolve_shards(absolute_spec(cfg.data.test_shards)) if cfg.eval.fid_every else None,
-        "status_dir": str(status) if status else None,
-    }
+    return {"config": cfg.model_dump(mode="json"), "inputs": asdict(inputs),
+            "status_dir": str(status) if status else None}
 
 
-def fit(
-    cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None, callbacks: list = ()
-) -> ray.train.Result:
+def fit(cfg: TrainConfig, run_name: str, inputs: Inputs, callbacks: list = ()) -> ray.train.Result:
     """One Ray Train run; `callbacks` are Train V2 UserCallbacks (a sweep forwards reports to Tune with one)."""
     e = cfg.engine
     # Per-operator progress bars flood `ray job logs`; rank 0 logs throughput and data wait instead.
@@ -89,7 +89,7 @@ def fit(
     resources = {"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, run_name, run_id, uri, teacher_ref),
+        train_loop_config=loop_config(cfg, run_name, inputs),
         torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
@@ -130,15 +130,14 @@ class LocalCheckpoints:
             shutil.rmtree(old)
 
 
-def fit_local(cfg: TrainConfig, run_name: str, run_id: str, uri: str, teacher_ref: str | None = None) -> Path | None:
+def fit_local(cfg: TrainConfig, run_name: str, inputs: Inputs) -> Path | None:
     """The same loop in this process (no Ray, no DeepSpeed); returns the newest checkpoint directory."""
     root = storage_dir(cfg, run_name)
     if root is None:
         raise ValueError("engine.backend=local needs a local engine.storage_path")
     checkpoints = LocalCheckpoints(root, cfg.engine.keep_checkpoints)
-    lc = loop_config(cfg, run_name, run_id, uri, teacher_ref)
     place = Place(0, 1, torch.device("cpu"), checkpoints.latest(), checkpoints.report, root)
-    train_loop(cfg, place, run_id, uri, teacher_ref, lc["fid_reference"])
+    train_loop(cfg, place, inputs)
     return checkpoints.latest()
 
 
@@ -160,17 +159,6 @@ def resolve_teacher(cfg: TrainConfig, uri: str) -> str | None:
     teachers.check_compatible(cfg, teachers.teacher_config(pinned, uri))
     log.info("teacher %s -> %s", ref, pinned)
     return pinned
-
-
-def record_teacher(run_id: str, pinned: str, uri: str) -> str:
-    """The teacher this MLflow run distils, as a run tag; a resumed run keeps the teacher it started with even
-    if the alias has moved since."""
-    client = MlflowClient(uri)
-    first = client.get_run(run_id).data.tags.get(TEACHER_TAG)
-    if first and first != pinned:
-        log.warning("resuming with the run's original teacher %s (the alias now points at %s)", first, pinned)
-    client.set_tag(run_id, TEACHER_TAG, first or pinned)
-    return first or pinned
 
 
 @dataclass
@@ -208,12 +196,17 @@ def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
     resolve_shards(cfg.data.shards)
     uri = resolve_uri(cfg.tracking.uri)
-    teacher_ref = resolve_teacher(cfg, uri)  # before the run exists: a bad teacher is a config error
+    # before the run exists: a bad teacher or init_from model is a config error
+    teacher_ref = resolve_teacher(cfg, uri)
+    init_ref = lineage.resolve(cfg, uri, teacher_ref)
     run_id = start_or_resume_run(cfg, run_name, uri)
     client = MlflowClient(uri)
     diverged(client, run_id, clear=True)  # a resumed attempt starts clean
     if teacher_ref:
-        teacher_ref = record_teacher(run_id, teacher_ref, uri)
+        teacher_ref = lineage.record(client, run_id, lineage.TEACHER_TAG, teacher_ref)
+    if init_ref:
+        init_ref = lineage.record(client, run_id, lineage.PARENT_TAG, init_ref)
+    inputs = resolve_inputs(cfg, run_id, uri, teacher_ref, init_ref)
     if before_fit:
         before_fit(run_id)
     root = storage_dir(cfg, run_name)
@@ -222,13 +215,13 @@ def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) 
     t0 = time.time()
     if cfg.engine.backend == "local":
         try:
-            checkpoint, error = fit_local(cfg, run_name, run_id, uri, teacher_ref), None
+            checkpoint, error = fit_local(cfg, run_name, inputs), None
         except Exception as e:  # noqa: BLE001  reported as the run's outcome, raised by train()
             checkpoint, error = LocalCheckpoints(root, 1).latest(), e
         metrics = json.loads((checkpoint / "metrics.json").read_text()) if checkpoint else {}
     else:
         connect_ray()
-        result = fit(cfg, run_name, run_id, uri, teacher_ref, callbacks)
+        result = fit(cfg, run_name, inputs, callbacks)
         checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
         metrics, error = dict(result.metrics or {}), result.error
     seconds = time.time() - t0

@@ -7,20 +7,15 @@ and the same dropout mask; the EMA copy exists only for evaluation.
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from fewstep.distances import default_huber_c, get_distance
-from fewstep.edm import EDMConfig, EDMPrecond, karras_sigmas
+from fewstep.edm import Denoiser, EDMConfig, EDMPrecond, karras_sigmas, sample
 from fewstep.objectives import Capabilities, Objective, ObjectiveConfig, StepCounts, register
-
-
-class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        ...
 
 
 class ICTConfig(ObjectiveConfig):
@@ -128,21 +123,3 @@ class ICTObjective(Objective):
     ) -> torch.Tensor:
         self.capabilities.check_sampler(sampler, "ict")  # [CM Alg. 1] with iCT's sigma_mid chain
         return sample(model, noise, self.sample_sigmas(num_steps), labels, self.cfg.edm.sigma_min, generator)
-
-
-@torch.no_grad()
-def sample(
-    model: Denoiser,
-    noise: torch.Tensor,
-    sigmas: list[float],
-    labels: torch.Tensor | None,
-    sigma_min: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Multistep consistency sampling [CM Alg. 1]: x = f(s_max z, s_max), then re-noise to each s and denoise."""
-    ones = torch.ones(noise.shape[0], device=noise.device)
-    x = model(sigmas[0] * noise, sigmas[0] * ones, labels).clamp(-1, 1)
-    for s in sigmas[1:]:
-        z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        x = model(x + math.sqrt(s * s - sigma_min * sigma_min) * z, s * ones, labels).clamp(-1, 1)
-    return x

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
+from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.backends import build_backend, micro_batch
 from fewstep.config import TrainConfig
@@ -36,6 +37,17 @@ from fewstep.train_step import train_step
 
 STATE = "trainer_state.json"
 STATUS = "run_status.json"  # the run's outcome, written into its storage by rank 0 (read by the driver)
+
+
+@dataclass
+class Inputs:
+    """What the driver resolved for every copy of the loop: absolute, pinned, the same on every rank."""
+
+    run_id: str
+    tracking_uri: str
+    teacher: str | None = None  # the pinned distillation teacher
+    init_from: str | None = None  # the pinned model the student starts from
+    fid_reference: list[str] | None = None  # the test shards of the in-training FID
 
 
 @dataclass
@@ -164,10 +176,10 @@ def write_status(place: Place, status: dict[str, Any]) -> None:
         (place.status_dir / STATUS).write_text(json.dumps(status))
 
 
-def train_loop(cfg: TrainConfig, place: Place, run_id: str, tracking_uri: str, teacher_ref: str | None,
-               fid_reference: list[str] | None) -> str:
+def train_loop(cfg: TrainConfig, place: Place, inputs: Inputs) -> str:
     """Train this rank to cfg.optim.total_steps (or divergence); returns 'finished' or 'diverged'."""
     rank, world, device = place.rank, place.world, place.device
+    run_id, tracking_uri = inputs.run_id, inputs.tracking_uri
     torch.set_num_threads(cfg.engine.threads_per_worker)
     write_status(place, {"status": "running"})
     # 0. data first: this rank's stream starts reading (resumed at shard granularity) while the model is set up
@@ -175,13 +187,14 @@ def train_loop(cfg: TrainConfig, place: Place, run_id: str, tracking_uri: str, t
     data = TrainStream(cfg.data, rank, world, micro, resume=data_position(place.restored),
                        local=cfg.engine.backend == "local").start()
 
-    # 1. identical initial weights on every rank (the objective may start them from the teacher), then rank-specific
+    # 1. identical initial weights on every rank (seeded, or the pinned init_from model's), then rank-specific
     #    noise streams. The teacher is small: every rank holds a frozen copy outside the backend.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if inputs.init_from and not place.restored:
+        lineage.load_into(model, inputs.init_from, tracking_uri)
     objective = build_objective(cfg)
-    teacher = teachers.load(teacher_ref, tracking_uri, device) if teacher_ref else None
-    objective.initialise(model, teacher)
+    teacher = teachers.load(inputs.teacher, tracking_uri, device) if inputs.teacher else None
     text = None
     if cfg.text.enabled:  # text-to-image: a frozen encoder on every rank
         from fewstep.text import TextEncoder
@@ -206,7 +219,7 @@ def train_loop(cfg: TrainConfig, place: Place, run_id: str, tracking_uri: str, t
     guard = DivergenceGuard(cfg.engine.max_bad_steps, world, skipped)
     hooks = DebugHooks(cfg.engine.debug, rank, Path(os.path.expanduser(cfg.engine.storage_path)), run_id)
     logger = MetricsLogger(cfg, mlflow, run_id, micro * accum * world, logged_through) if mlflow else None
-    evaluate = Evaluator(cfg, mlflow, run_id, ema, text, fid_reference, logged_through) if mlflow else None
+    evaluate = Evaluator(cfg, mlflow, run_id, ema, text, inputs.fid_reference, logged_through) if mlflow else None
     conditional = cfg.network.num_classes > 0
 
     stream = iter(data)

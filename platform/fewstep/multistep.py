@@ -12,7 +12,7 @@ import math
 from typing import Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from fewstep.distances import default_huber_c, get_distance
@@ -71,15 +71,16 @@ class MultistepConfig(ObjectiveConfig):
         "paper's 'guidance 0.5 / 3', if in the (1 + w') x_c - w' x_u convention of Ho & Salimans eq. 6 (assumed), "
         "is w = 1.5 / 4 here.",
     )
-    init_from_teacher: bool = Field(
-        True,
-        description="multistep_cd: start the student from the teacher's weights (every run in the paper does); "
-        "needs the same network (dropout may differ).",
-    )
-
     @property
     def teacher_ref(self) -> str | None:
         return self.teacher
+
+    @model_validator(mode="after")
+    def _cd_starts_from_its_teacher(self) -> MultistepConfig:
+        # every CD run of the paper starts from the teacher's weights: the default unless init_from is given
+        if self.name == "multistep_cd" and "init_from" not in self.model_fields_set:
+            self.init_from = "teacher"
+        return self
 
     def check_with(self, cfg) -> None:
         if self.name == "multistep_cd" and not self.teacher:
@@ -140,13 +141,6 @@ class MultistepObjective(Objective):
             steps_reason=f"it was trained for objective.student_steps = {S} steps",
         )
 
-    def initialise(self, model: nn.Module, teacher: nn.Module | None) -> None:
-        """CD: the student starts from the teacher's weights (every run in the paper does)."""
-        if self.distill and self.cfg.init_from_teacher and teacher is not None:
-            from fewstep.teacher import init_student
-
-            init_student(model, teacher)
-
     def prepare_teacher(self, teacher: nn.Module, text_encoder: nn.Module | None) -> nn.Module:
         """Text-to-image CD distills the guided teacher x_uncond + w (x_cond - x_uncond)."""
         if text_encoder is None:
@@ -169,6 +163,16 @@ class MultistepObjective(Objective):
                 f"vp.t_max={vp.t_max}): lower vp.t_min / raise vp.t_max or lower n_end"
             )
         return n_seg, T
+
+    def teacher_predictions(self, teacher: XPredictor | None, z_t: torch.Tensor, t: torch.Tensor,
+                            labels: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_teacher, the conditional x_teacher): the data itself for CT; for a guided teacher (fewstep.text.Guided)
+        the guided and the conditional predictions; otherwise the teacher's prediction twice."""
+        if not self.distill:
+            return x, x
+        both = getattr(teacher, "with_conditional", None)
+        x_teacher, x_cond = both(z_t, t, labels) if both else (teacher(z_t, t, labels),) * 2
+        return x_teacher.to(x.dtype), x_cond.to(x.dtype)
 
     def teacher_x_var(self, x_teacher: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample (B,) variance of the teacher's x-prediction, for the aDDIM teacher step."""
@@ -201,10 +205,11 @@ class MultistepObjective(Objective):
         eps = torch.randn_like(x)
         z_t = alpha_t.view(-1, 1, 1, 1) * x + sigma_t.view(-1, 1, 1, 1) * eps
         with torch.no_grad():
-            # 4. the teacher's x-prediction: the data (CT) or the diffusion teacher (CD)
-            x_teacher = teacher(z_t, t, labels).to(dtype) if self.distill else x
+            # 4. the teacher's x-prediction: the data (CT) or the diffusion teacher (CD); a guided teacher also
+            #    gives its conditional prediction, from which x_var is computed [MCM App. A.1: "guidance zero"]
+            x_teacher, x_cond = self.teacher_predictions(teacher, z_t, t, labels, x)
             # 5. x_var (CT: 0, so the aDDIM step below is DDIM)
-            x_var = self.teacher_x_var(x_teacher, x, t)
+            x_var = self.teacher_x_var(x_cond.to(dtype), x, t)
             # 6. one teacher step t -> s: z_s = aDDIM_{t->s}(x_teacher, z_t, x_var) [MCM Alg. 3]
             if self.cfg.teacher_sampler == "addim":
                 z_s = addim(x_teacher, z_t, t, s, x_var, vp)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 if TYPE_CHECKING:
@@ -32,6 +32,13 @@ class ObjectiveConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
+    init_from: str | None = Field(
+        None,
+        description="Start the student from a trained model's (EMA) weights, as every paper run does: a registry "
+        "URI `models:/NAME@ALIAS` or `models:/NAME/VERSION` (resolved with tracking.uri and pinned to its version), "
+        "a model directory, or `teacher` (the distillation teacher). Checked before any worker starts: same image "
+        "shape, conditioning, network and parameterization family. null = random initialisation.",
+    )
 
     @property
     def teacher_ref(self) -> str | None:
@@ -136,10 +143,6 @@ class Objective(ABC):
     ) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] from standard-normal noise in num_steps model calls."""
 
-    def initialise(self, model: nn.Module, teacher: nn.Module | None) -> None:
-        """Set the student's initial weights before training (e.g. from the teacher); default: keep them."""
-        return None
-
     def prepare_teacher(self, teacher: nn.Module, text_encoder: nn.Module | None) -> nn.Module:
         """The teacher as the loss calls it (e.g. wrapped in classifier-free guidance); default: as loaded."""
         return teacher
@@ -206,7 +209,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def _load_builtin() -> None:
     # The built-in objectives register themselves on import; imported here so that `TrainConfig` knows them.
-    from fewstep import diffusion, ict, multistep  # noqa: F401
+    from fewstep import diffusion, ect, edm_diffusion, ict, multistep  # noqa: F401
 
 
 _load_builtin()

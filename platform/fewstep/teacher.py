@@ -22,9 +22,6 @@ from fewstep import modelref
 from fewstep.config import ConfigError, TrainConfig, build_config
 from fewstep.generator import CONFIG, WEIGHTS, Generator
 
-# Fields of network config that do not change the parameters: the student may train with its own dropout.
-_NO_WEIGHTS = {"dropout"}
-
 
 def pin(ref: str, tracking_uri: str, field: str = "objective.teacher") -> str:
     """The version an alias points at now (`models:/NAME/VERSION`), or a directory's absolute path."""
@@ -62,8 +59,9 @@ def teacher_config(ref: str, tracking_uri: str, field: str = "objective.teacher"
 
 
 def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:
-    """The teacher must be a VP diffusion model of the same data and schedule; with init_from_teacher the
-    networks must match field for field (dropout aside). Raises ConfigError naming the field."""
+    """The teacher must be a diffusion model of the student's family, data and schedule (its network may differ:
+    `objective.init_from` checks the network when the student starts from it). Raises ConfigError naming the
+    field."""
     from fewstep.objectives import capabilities
 
     o, ref = cfg.objective, cfg.objective.teacher_ref
@@ -103,15 +101,6 @@ def check_compatible(cfg: TrainConfig, teacher: TrainConfig) -> None:
             f"objective.vp differs from the teacher's ({', '.join(f'objective.vp.{k}' for k in diff)}): "
             f"teacher {teacher.objective.vp.model_dump()} vs {o.vp.model_dump()}"
         )
-    if o.init_from_teacher:
-        student, mine = cfg.network.model_dump(), teacher.network.model_dump()
-        diff = [k for k in student if k not in _NO_WEIGHTS and student[k] != mine[k]]
-        if diff:
-            raise ConfigError(
-                "objective.init_from_teacher=true needs the teacher's network, but "
-                + ", ".join(f"network.{k}={student[k]} (teacher: {mine[k]})" for k in diff)
-                + ": match it or set objective.init_from_teacher=false"
-            )
 
 
 class FrozenTeacher(nn.Module):
@@ -136,8 +125,3 @@ def load(ref: str, tracking_uri: str, device: torch.device | str = "cpu") -> Fro
     """The frozen teacher, on `device`; weights from safetensors only."""
     with tempfile.TemporaryDirectory() as d:
         return FrozenTeacher(Generator.from_dir(model_dir(ref, tracking_uri, d), device=str(device)))
-
-
-def init_student(student: nn.Module, teacher: FrozenTeacher) -> None:
-    """Copy the teacher's weights into the student (same network, checked by check_compatible)."""
-    student.load_state_dict(teacher.model.state_dict())

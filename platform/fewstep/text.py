@@ -168,11 +168,16 @@ class Guided(nn.Module):
         self._null = encoder.null(1)  # (1, ...) each; expanded per batch
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.with_conditional(z_t, t, cond)[0]
+
+    def with_conditional(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided x_w, conditional x_c): aDDIM's x_var comes from the conditional prediction [MCM App. A.1]."""
         if self.w == 1.0:
-            return self.model(z_t, t, cond)
+            x_c = self.model(z_t, t, cond)
+            return x_c, x_c
         n = z_t.shape[0]
         null = {k: v.to(cond[k].device).expand(n, *v.shape[1:]) for k, v in self._null.items()}
         t = t.reshape(-1).expand(n) if t.numel() == 1 else t
         x = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), cat_cond(cond, null))
         x_c, x_u = x.chunk(2)
-        return x_u + self.w * (x_c - x_u)
+        return x_u + self.w * (x_c - x_u), x_c

@@ -162,7 +162,14 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
     if not name:
         return None, None
     version_ = str(info.registered_model_version)
-    MlflowClient(uri).set_registered_model_alias(name, cfg.tracking.alias, version_)
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(name, cfg.tracking.alias, version_)
+    from fewstep.lineage import PARENT_RUN_TAG, PARENT_TAG, TEACHER_TAG
+
+    run_tags = client.get_run(run_id).data.tags
+    for tag in (PARENT_TAG, PARENT_RUN_TAG, TEACHER_TAG):  # the version's lineage, readable from the registry
+        if tag in run_tags:
+            client.set_model_version_tag(name, version_, tag, run_tags[tag])
     return name, version_
 
 

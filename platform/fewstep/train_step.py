@@ -41,9 +41,19 @@ def train_step(
     backend.backward(loss)
     boundary = backend.is_gradient_accumulation_boundary()
     backend.step()
-    # 4. the evaluation EMA follows the student after every optimizer step (ZeRO-3: gathered on every rank)
+    # 4. the evaluation EMA follows the student's fp32 weights after every optimizer step (gathered on every rank)
     if boundary:
-        with backend.full_parameters():
+        with backend.master_parameters() as params:
             if ema is not None:
-                ema.update_parameters(backend.module)
+                ema.update_parameters(_Parameters(params))
     return StepOutcome(loss.item(), info, stepped=boundary)
+
+
+class _Parameters:
+    """A parameter list where AveragedModel.update_parameters expects a module."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def parameters(self):
+        return iter(self.params)

@@ -11,7 +11,7 @@ import ray.train
 import torch
 
 from fewstep.config import TrainConfig
-from fewstep.loop import Place, train_loop
+from fewstep.loop import Inputs, Place, train_loop
 
 
 def _report(metrics: dict[str, Any], d: Path) -> None:
@@ -27,5 +27,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         place = Place(ctx.get_world_rank(), ctx.get_world_size(), device, Path(restored) if restored else None,
                       _report, Path(loop_config["status_dir"]) if loop_config["status_dir"] else None)
-        train_loop(cfg, place, loop_config["run_id"], loop_config["tracking_uri"], loop_config["teacher"],
-                   loop_config["fid_reference"])
+        train_loop(cfg, place, Inputs(**loop_config["inputs"]))
