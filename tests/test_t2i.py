@@ -72,6 +72,10 @@ def test_text_unet_shapes_and_guidance_endpoints(encoder):
         torch.testing.assert_close(Guided(model, encoder, 0.0)(z, t, cond), x_u, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(Guided(model, encoder, 3.0)(z, t, cond), x_u + 3 * (x_c - x_u), atol=1e-4,
                                    rtol=1e-4)
+        # with the guided prediction comes the conditional one (aDDIM's x_var is computed from it)
+        guided, conditional = Guided(model, encoder, 3.0).with_conditional(z, t, cond)
+        torch.testing.assert_close(conditional, x_c, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(guided, conditional)
     with pytest.raises(ValueError, match="text-conditioned"):
         model(z, t, None)
     with pytest.raises(ConfigError, match="text.enabled needs network.num_classes=0"):

@@ -45,15 +45,18 @@ def train_step(
     if boundary:
         with backend.master_parameters() as params:
             if ema is not None:
-                ema.update_parameters(_Parameters(params))
+                ema.update_parameters(_Parameters(params, list(backend.module.buffers())))
     return StepOutcome(loss.item(), info, stepped=boundary)
 
 
 class _Parameters:
-    """A parameter list where AveragedModel.update_parameters expects a module."""
+    """Parameters (and the module's buffers) where AveragedModel.update_parameters expects a module."""
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
+    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor]):
+        self.params, self._buffers = params, buffers
 
     def parameters(self):
         return iter(self.params)
+
+    def buffers(self):
+        return iter(self._buffers)
