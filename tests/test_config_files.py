@@ -45,7 +45,7 @@ def test_set_dotted_creates_sections_and_refuses_to_descend_into_a_value():
 
 def test_shared_bases_are_not_presets_and_every_fashion_preset_uses_one():
     bases = sorted(p.name for p in PRESET_DIR.glob("_*.yaml"))
-    assert bases == ["_fashion-t2i.yaml", "_fashion.yaml"]
+    assert bases == ["_fashion-t2i.yaml", "_fashion.yaml", "_imagenet64.yaml"]
     assert not any(name.startswith("_") for name in available())
     with pytest.raises(SystemExit, match="unknown preset '_fashion'"):
         preset_path("_fashion")

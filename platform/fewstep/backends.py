@@ -123,7 +123,7 @@ class DeepSpeedBackend:
     def master_parameters(self) -> Iterator[list[torch.Tensor]]:
         """Every parameter whole, in fp32 (a collective call: every rank enters). Under bf16/fp16 these are the
         optimizer's fp32 master weights, not the rounded copies the forward pass uses (docs/algorithms.md
-        section 7)."""
+        section 6)."""
         if not self.mixed_precision:
             with gathered(self.module, self.zero_stage):
                 yield list(self.module.parameters())

@@ -77,7 +77,7 @@ class EDMPrecond(nn.Module):
         s = sigma.reshape(-1, 1, 1, 1)  # (B, 1, 1, 1) for broadcasting over (B, C, H, W)
         dtype = next(self.net.parameters()).dtype  # bf16/fp16 under mixed precision; fp32 otherwise
         # c_noise stays fp32: adjacent levels near sigma_min are one bf16 value apart or less (docs/algorithms.md
-        # section 7); the network embeds it in fp32 and casts the embedding.
+        # section 6); the network embeds it in fp32 and casts the embedding.
         F = self.net((c_in(s, self.cfg) * x).to(dtype), c_noise(sigma), class_labels)
         return c_skip(s, self.cfg, self.offset) * x + c_out(s, self.cfg, self.offset) * F.to(torch.float32)
 

@@ -131,7 +131,7 @@ class VPPrecond(nn.Module):
         z_t = z_t.to(torch.float32)  # (B, C, H, W)
         alpha_t, sigma_t = (_b(v, z_t) for v in alpha_sigma(t, self.cfg))  # (B, 1, 1, 1)
         dtype = next(self.net.parameters()).dtype  # bf16/fp16 under mixed precision; fp32 otherwise
-        # c_noise(t) stays fp32: adjacent MCM grid points can share a bf16 value (docs/algorithms.md section 7)
+        # c_noise(t) stays fp32: adjacent MCM grid points can share a bf16 value (docs/algorithms.md section 6)
         v_hat = self.net(z_t.to(dtype), c_noise(t, self.cfg), class_labels)
         # [MCM sec. 2, v-prediction] x_hat = alpha_t z_t - sigma_t v_hat
         return alpha_t * z_t - sigma_t * v_hat.to(torch.float32)
