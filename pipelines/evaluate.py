@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     import yaml
 
+    from fewstep import lineage
     from fewstep.evaluation import evaluate
 
     reference = args.reference
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ev = evaluate(
         args.model, steps, args.n, reference, args.n_ref, args.seed, log=not args.no_log, sampler=args.sampler
     )
+    if line := lineage.summary(args.model):
+        print(line)
     print(f"FID ({ev.n} samples vs {ev.n_ref} held-out images from {reference}):")
     for s, v in ev.fid.items():
         print(f"  {s} step{'s' if s > 1 else ' '}: {v:.2f}")

@@ -37,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
+    from fewstep import lineage
     from fewstep.images import grid, save_png
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     model = mlflow.pyfunc.load_model(args.model)
+    if line := lineage.summary(args.model):
+        print(line)
     signature = model.metadata.get_input_schema()
     column = signature.input_names()[0] if signature else "class_label"
     steps = [int(s) for s in args.steps.split(",")]

@@ -4,17 +4,22 @@ mismatched `init_from` is refused on the driver, naming the field, before any ru
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import worker_env
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from test_train_integration import tiny_config
 
 from fewstep import lineage
 from fewstep.config import ConfigError
 from fewstep.engine import train
 from fewstep.generator import Generator
 from fewstep.objectives import build_model
-from test_train_integration import tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +72,9 @@ def test_edm_registered_then_ect_starts_from_it_and_records_its_parent(ray_clust
     assert mine.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    # a user sampling the student sees where it came from
+    out = subprocess.run([sys.executable, "-m", "pipelines.sample", "--model", "models:/it-ect@champion", "--steps",
+                          "1,2", "--n", "2", "--out", str(tmp_path / "grid.png"), "--tracking-uri", mlflow_server],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **worker_env()})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"lineage: models:/it-ect/{s.version} <- models:/it-edm/{parent.version}" in out.stdout

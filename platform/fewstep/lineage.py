@@ -130,3 +130,11 @@ def describe(client: MlflowClient, name: str, version: str) -> list[str]:
         r = modelref.parse(parent)
         name, version = r.name, str(r.version)
     return chain
+
+
+def summary(ref: str) -> str | None:
+    """'lineage: models:/A/3 <- models:/B/1 ...' for a registered model reference; None for anything else."""
+    found = modelref.version_of(ref)
+    if found is None:
+        return None
+    return "lineage: " + " <- ".join(describe(modelref.client(), *found))
