@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install fashion-mnist data demo demo-t2i up down test test-fast lint clean
+.PHONY: install fashion-mnist data demo demo-ladder demo-t2i up down test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,27 @@ demo: install fashion-mnist data up
 	    --set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs
 	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
 	  --model models:/fewstep-fashion-ict@champion --steps 1,2 --n 10 --out outputs/demo-samples.png
+	@echo "MLflow UI: http://127.0.0.1:5000   (stop the services with 'make down')"
+
+# The quality ladder: each few-step student starts from the diffusion model of its family, as in the papers, and
+# is registered with its parent (fewstep.parent): fashion-edm -> fashion-ect (1-2 steps), fashion-diffusion ->
+# fashion-mct (4 steps) and -> fashion-mcd (4 steps). Shrink it with e.g. LADDER_SET="--set optim.total_steps=20".
+LADDER_SET ?=
+LADDER_ARGS = --set data.shards=$(DATA)/train --set data.test_shards=$(DATA)/test \
+	--set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs $(LADDER_SET)
+LADDER := fashion-edm fashion-ect fashion-diffusion fashion-mct fashion-mcd
+
+demo-ladder: install fashion-mnist data up
+	@for preset in $(LADDER); do \
+	  $(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	    python -m pipelines.train --preset $$preset $(LADDER_ARGS) || exit 1; \
+	done
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
+	  --model models:/fewstep-fashion-ect@champion --steps 1,2 --n 10 --out outputs/ladder-ect.png
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
+	  --model models:/fewstep-fashion-mct@champion --steps 4 --n 10 --out outputs/ladder-mct.png
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
+	  --model models:/fewstep-fashion-mcd@champion --steps 4 --n 10 --out outputs/ladder-mcd.png
 	@echo "MLflow UI: http://127.0.0.1:5000   (stop the services with 'make down')"
 
 # Text-to-image demo: varied-caption shards, a text diffusion teacher, its 4-step multistep CD student, grids per
