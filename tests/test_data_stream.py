@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 
+import numpy as np
 import pytest
 
 from fewstep.data import DataConfig
 from fewstep.data.shards import write_shards
 from fewstep.data.sources import fashion_mnist
-from fewstep.data.stream import TrainStream, epoch_order
+from fewstep.data.stream import TrainStream, epoch_order, shuffled
 
 
 def test_epoch_order_is_seeded_and_ranks_split_it():
@@ -69,3 +70,26 @@ def test_shuffle_is_reproducible_and_resume_skips_finished_shards(ray_cluster, s
     assert set(before[:k]).isdisjoint(after)
     assert set(before[k:]) <= set(after), "a partly used shard is read again (documented)"
     assert set(before) | set(after) == set(first), "nothing of the epoch is lost"
+
+
+def test_local_stream_reads_each_sample_once_per_epoch_reshuffled_and_reproducibly(shards):
+    cfg = DataConfig(shards=str(shards), shuffle_buffer=16)
+    a = take(TrainStream(cfg, 0, 1, 8, local=True), 12)  # no Ray: engine.backend=local
+    assert digests(a) == digests(take(TrainStream(cfg, 0, 1, 8, local=True), 12))
+    first, second = digests(a[:6]), digests(a[6:])
+    assert sorted(first) == sorted(second) and len(set(first)) == 48 and first != second
+    ordered = digests(take(TrainStream(cfg.model_copy(update={"shuffle_buffer": 0}), 0, 1, 8, local=True), 6))
+    assert sorted(ordered) == sorted(first) and ordered != first
+
+
+def test_shuffle_buffer_yields_every_row_once_in_full_batches():
+    rng = np.random.default_rng(0)
+    chunks = [{"pos": np.arange(i, i + 10), "image": np.arange(i, i + 10) * 2} for i in range(0, 95, 10)]
+    chunks[-1] = {k: v[:5] for k, v in chunks[-1].items()}  # 95 rows in all
+    out = list(shuffled(iter(chunks), 8, 20, rng))
+    rows = np.concatenate([b["pos"] for b in out])
+    assert sorted(rows.tolist()) == list(range(95)) and [len(b["pos"]) for b in out[:-1]] == [8] * 11
+    assert all(np.array_equal(b["image"], b["pos"] * 2) for b in out), "columns stay aligned"
+    assert rows.tolist() != list(range(95))
+    in_order = np.concatenate([b["pos"] for b in shuffled(iter(chunks), 8, 0, rng)])
+    assert in_order.tolist() == list(range(95))

@@ -113,7 +113,9 @@ class LocalCheckpoints:
         self.root, self.keep = root, keep
 
     def all(self) -> list[Path]:
-        return sorted(self.root.glob("checkpoint_*")) if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("checkpoint_*") if not p.name.endswith(".tmp"))
 
     def latest(self) -> Path | None:
         return (self.all() or [None])[-1]
@@ -122,7 +124,9 @@ class LocalCheckpoints:
         dst = self.root / f"checkpoint_{metrics['step']:09d}"
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp)
+        tmp.mkdir(parents=True)
+        for item in d.iterdir():  # d is on the same filesystem (Place.scratch): renamed, not copied
+            shutil.move(str(item), tmp / item.name)
         (tmp / "metrics.json").write_text(json.dumps(metrics))
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)  # a checkpoint appears whole or not at all
@@ -136,7 +140,7 @@ def fit_local(cfg: TrainConfig, run_name: str, inputs: Inputs) -> Path | None:
     if root is None:
         raise ValueError("engine.backend=local needs a local engine.storage_path")
     checkpoints = LocalCheckpoints(root, cfg.engine.keep_checkpoints)
-    place = Place(0, 1, torch.device("cpu"), checkpoints.latest(), checkpoints.report, root)
+    place = Place(0, 1, torch.device("cpu"), checkpoints.latest(), checkpoints.report, root, scratch=root)
     train_loop(cfg, place, inputs)
     return checkpoints.latest()
 

@@ -137,4 +137,5 @@ def summary(ref: str) -> str | None:
     found = modelref.version_of(ref)
     if found is None:
         return None
-    return "lineage: " + " <- ".join(describe(modelref.client(), *found))
+    chain = describe(modelref.client(), *found)
+    return "lineage: " + " <- ".join(chain) + (" (trained from scratch)" if len(chain) == 1 else "")

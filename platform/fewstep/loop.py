@@ -60,6 +60,7 @@ class Place:
     restored: Path | None  # the checkpoint directory to resume from (None: a fresh start)
     report: Callable[[dict[str, Any], Path], None]  # hand a saved checkpoint directory and its metrics over
     status_dir: Path | None  # the run's local storage directory, where rank 0 writes STATUS (None: remote storage)
+    scratch: Path | None = None  # where checkpoints are written before `report` (its filesystem: moved, not copied)
 
 
 def _log(mlflow: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -154,7 +155,9 @@ class Checkpointer:
         position = self.data.state()  # every rank (it gathers the data position and skip counts of all ranks)
         if self.mlflow is not None:
             _log(self.mlflow, self.run_id, self.data.metrics(), step)
-        with tempfile.TemporaryDirectory() as tmp:
+        if self.place.scratch is not None:
+            self.place.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.place.scratch) as tmp:
             d = Path(tmp)
             self.backend.save(d)
             torch.save(torch.get_rng_state(), d / f"rng_rank{self.place.rank}.pt")

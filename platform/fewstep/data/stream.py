@@ -76,7 +76,29 @@ class _EpochReader:
         return list(itertools.islice(self.batches, n))
 
 
-class _LocalEpochReader:
+class _RemoteReader:
+    """The rank's side of its `_EpochReader` actor: `begin` starts an epoch and asks for the first chunk at once
+    (reading overlaps whatever the rank does next); `chunks` yields chunks of batches, one chunk ahead."""
+
+    def __init__(self, cfg: DataConfig, rank: int, batch_size: int, expected: dict[str, int]):
+        here = ray.get_runtime_context().get_node_id()
+        self.actor = _EpochReader.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
+        ).remote(cfg, rank, batch_size, expected)
+        self.begun = self.pending = None
+
+    def begin(self, shards: list[str], positions: list[int], epoch: int) -> None:
+        self.begun = self.actor.begin.remote(shards, positions, epoch)
+        self.pending = self.actor.take.remote(CHUNK)  # an actor runs one caller's calls in order
+
+    def chunks(self) -> Iterator[list[dict[str, np.ndarray]]]:
+        ray.get(self.begun)  # raises a bad shard list or config here, not as a silently empty epoch
+        while chunk := ray.get(self.pending):
+            self.pending = self.actor.take.remote(CHUNK)  # the next chunk is read while this one trains
+            yield chunk
+
+
+class _LocalReader:
     """The same epoch read in this process, without Ray (engine.backend=local): the shards in order through the
     same decoder and bad-data policy (report rows included), then a seeded shuffle buffer of data.shuffle_buffer."""
 
@@ -93,27 +115,40 @@ class _LocalEpochReader:
                 for cols in read_shard_columns(uri, pos, spec, c.on_error, self.expected.get(uri)):
                     yield to_training_batch(cols, c.hflip, c.shuffle_seed, epoch)
 
-        self.batches = _shuffled(rows(), self.batch_size, c.shuffle_buffer, rng)
+        self.batches = shuffled(rows(), self.batch_size, c.shuffle_buffer, rng)
 
-    def take(self, n: int) -> list[dict[str, np.ndarray]]:
-        return list(itertools.islice(self.batches, n))
+    def chunks(self) -> Iterator[list[dict[str, np.ndarray]]]:
+        while chunk := list(itertools.islice(self.batches, CHUNK)):
+            yield chunk
 
 
-def _shuffled(chunks: Iterator[dict[str, np.ndarray]], batch: int, buffer: int,
-              rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `batch` rows drawn at random from a buffer of at least `buffer` rows (0: in order)."""
+def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch: int, buffer: int,
+             rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch` rows drawn at random from a buffer holding at least `buffer` rows (0: in order). Each
+    draw takes `batch` random slots and refills them with the buffer's last rows: O(batch) per batch, not
+    O(buffer); a new chunk is appended once."""
     held: dict[str, np.ndarray] | None = None
     for chunk in itertools.chain(chunks, [None]):
         if chunk is not None:
             held = chunk if held is None else {k: np.concatenate([held[k], chunk[k]]) for k in held}
         if held is None:
             continue
-        while len(held["pos"]) >= (batch + buffer if chunk is not None else 1):
-            n = min(batch, len(held["pos"]))
-            order = rng.permutation(len(held["pos"])) if buffer else np.arange(len(held["pos"]))
-            take, keep = order[:n], np.sort(order[n:])
+        size = len(held["pos"])
+        while size >= (batch + buffer if chunk is not None else 1):
+            n = min(batch, size)
+            take = np.sort(rng.choice(size, n, replace=False)) if buffer else np.arange(n)
             yield {k: v[take] for k, v in held.items()}
-            held = {k: v[keep] for k, v in held.items()}
+            # refill the taken slots below size - n with the untaken rows at or above it (order kept when buffer=0)
+            if buffer:
+                taken = np.zeros(size, dtype=bool)
+                taken[take] = True
+                holes, movers = take[take < size - n], np.flatnonzero(~taken[size - n :]) + size - n
+                for v in held.values():
+                    v[holes] = v[movers]
+                held = {k: v[: size - n] for k, v in held.items()}
+            else:
+                held = {k: v[n:] for k, v in held.items()}
+            size -= n
 
 
 class TrainStream:
@@ -140,8 +175,8 @@ class TrainStream:
         self.totals: dict[int, int] = {}  # pos -> samples the shard yielded (from its report row)
         self.tally = Tally()  # read/skipped samples of this rank since start
         self.global_tally = Tally()  # all ranks, as of the last state()
-        self.reader = None  # the companion _EpochReader actor, created on first use
-        self.launched: tuple[int, ray.ObjectRef, ray.ObjectRef] | None = None  # start(): the epoch already begun
+        self.reader: _RemoteReader | _LocalReader | None = None  # created on first use
+        self.launched: int | None = None  # start(): the epoch already begun
 
     def my_shards(self, epoch: int) -> list[str]:
         order = epoch_order(len(self.shards), self.cfg.shuffle_seed, epoch)
@@ -158,42 +193,30 @@ class TrainStream:
                              f"by reason: {counts}; last shard {report['shard']}")
 
     def start(self) -> TrainStream:
-        """Start reading the current epoch now (reader actor, Ray Data pipeline, first chunk) without waiting, so
-        that data startup (several seconds on a fresh cluster) overlaps the model and DeepSpeed setup."""
+        """Start reading the current epoch now (reader, Ray Data pipeline, first chunk) without waiting, so that
+        data startup (several seconds on a fresh cluster) overlaps the model and DeepSpeed setup."""
         self.launched = self._launch(self.epoch)
         return self
 
-    def _launch(self, epoch: int) -> tuple[int, ray.ObjectRef, ray.ObjectRef] | None:
+    def _launch(self, epoch: int) -> int | None:
+        """Begin reading this rank's unfinished shards of `epoch`; None when there are none."""
         mine = self.my_shards(epoch)
         todo = [p for p in range(len(mine)) if p not in self.done]
         if not todo:
             return None
-        if self.local:
-            self.reader = self.reader or _LocalEpochReader(self.cfg, self.rank, self.batch_size, self.expected)
-            self.reader.begin([mine[p] for p in todo], todo, epoch)
-            return epoch, None, None
         if self.reader is None:
-            here = ray.get_runtime_context().get_node_id()
-            self.reader = _EpochReader.options(
-                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
-            ).remote(self.cfg, self.rank, self.batch_size, self.expected)
-        begun = self.reader.begin.remote([mine[p] for p in todo], todo, epoch)
-        return epoch, begun, self.reader.take.remote(CHUNK)  # an actor runs one caller's calls in order
+            kind = _LocalReader if self.local else _RemoteReader
+            self.reader = kind(self.cfg, self.rank, self.batch_size, self.expected)
+        self.reader.begin([mine[p] for p in todo], todo, epoch)
+        return epoch
 
     def _epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """This rank's raw batches of `epoch` (image, label, pos, report columns), read by the companion actor."""
-        launched = self.launched if self.launched and self.launched[0] == epoch else self._launch(epoch)
+        """This rank's raw batches of `epoch` (image, label, pos, report columns)."""
+        launched = self.launched if self.launched == epoch else self._launch(epoch)
         self.launched = None
         if launched is None:
             return
-        if self.local:
-            while chunk := self.reader.take(CHUNK):
-                yield from chunk
-            return
-        _, begun, pending = launched
-        ray.get(begun)  # raises a bad shard list or config here, not as a silently empty epoch
-        while chunk := ray.get(pending):
-            pending = self.reader.take.remote(CHUNK)  # the next chunk is read while this one trains
+        for chunk in self.reader.chunks():
             yield from chunk
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
