@@ -124,7 +124,7 @@ class DeepSpeedBackend:
         """Every parameter whole, in fp32 (a collective call: every rank enters). Under bf16/fp16 these are the
         optimizer's fp32 master weights, not the rounded copies the forward pass uses (docs/algorithms.md
         section 6)."""
-        if not self.mixed_precision:
+        if not self.mixed_precision or self.zero_stage == 3:  # ZeRO-3: the gathered (bf16) parameters, as before
             with gathered(self.module, self.zero_stage):
                 yield list(self.module.parameters())
             return
