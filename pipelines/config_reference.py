@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from fewstep.cli import ArgumentParser, command
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 COMMAND = "python -m pipelines.config_reference"
@@ -36,8 +37,9 @@ def render() -> str:
     return render_tree(TrainConfig, unions={"objective": objective_classes()}, preamble=PREAMBLE)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__)
+@command
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog=COMMAND, description=__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is stale; write nothing")
     args = p.parse_args(argv)
     text = render()

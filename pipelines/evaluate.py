@@ -6,16 +6,19 @@ the model version's run and as registered-model-version tags, with a FID-vs-step
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from fewstep.cli import ArgumentParser, UserError, command, step_list
+from fewstep.probe import check_model_server
 
-def main(argv: list[str] | None = None) -> int:
+
+@command
+def main(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread races os.environ readers
-    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__)
+    p = ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
-    p.add_argument("--steps", default="1,2", help="comma-separated sampling step counts")
+    p.add_argument("--steps", default=[1, 2], type=step_list, help="comma-separated sampling step counts")
     p.add_argument("--sampler", help="ddim | addim (multistep / diffusion models), ict (iCT); default: the model's")
     p.add_argument("--n", type=int, default=1000, help="generated images per step count")
     p.add_argument("--n-ref", type=int, default=2000, help="held-out images in the reference statistics")
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-log", action="store_true", help="do not write results to MLflow")
     args = p.parse_args(argv)
+    from fewstep.fid import inception_path
+
+    inception_path()  # the FID weights first: a missing install fails before any model is downloaded
+    check_model_server(args.model)
 
     import mlflow
     import yaml
@@ -35,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         path = mlflow.artifacts.download_artifacts(f"{args.model}/artifacts/model/config.yaml")
         reference = yaml.safe_load(open(path))["data"]["test_shards"]
         if not reference:
-            raise SystemExit("the model's config has no data.test_shards: pass --reference SHARDS")
-    steps = [int(s) for s in args.steps.split(",")]
+            raise UserError("the model's config has no data.test_shards: pass --reference SHARDS")
+    steps = args.steps
     ev = evaluate(
         args.model, steps, args.n, reference, args.n_ref, args.seed, log=not args.no_log, sampler=args.sampler
     )

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from fewstep.cli import ArgumentParser, UserError, command
 from fewstep.data.convert import convert
 from fewstep.data.sources import Source, digits_source, fashion_mnist_source, imagefolder_source, parquet_source
 
@@ -53,8 +54,9 @@ def parse_source(text: str) -> tuple[str, str | None]:
     return name, arg or None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.prepare_data", description=__doc__,
+@command
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m pipelines.prepare_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, type=parse_source, help=f"one of: {', '.join(SOURCE_NAMES)}")
     p.add_argument("--out", required=True, type=Path, help="output directory (gets train/ and test/)")
@@ -86,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split:>6}: {m['num_shards']} shards, {m['num_samples']} samples -> {out} "
                   f"({time.perf_counter() - t0:.1f} s)")
         print(f"done in {time.perf_counter() - start:.1f} s")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as e:  # a missing source, a bad sample: the message names it
+        raise UserError(str(e)) from e
     return 0
 
 

@@ -7,22 +7,41 @@ models: one grid per --prompt (repeatable), written as OUT_STEM-<prompt>.png; --
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from fewstep.cli import ArgumentParser, UserError, command, step_list
+from fewstep.probe import check_model_server
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_request(args, column: str, metadata: dict) -> None:
+    """Refuse what this model cannot honour before sampling, naming the flag: a prompt to a class-conditional
+    model, a class label it does not know, a sampler it does not have."""
+    if column != "prompt" and (args.prompt or args.guidance is not None):
+        flag = "--prompt" if args.prompt else "--guidance"
+        raise UserError(f"{flag}: this model is not text-to-image (it is conditioned on {column}): drop {flag}"
+                        + (" and pick a class with --class-label" if column == "class_label" else ""))
+    if column != "class_label" and args.class_label is not None:
+        raise UserError(f"--class-label: this model is not class-conditional (its input is {column})")
+    k = int(metadata.get("num_classes", 10))
+    if column == "class_label" and args.class_label is not None and not 0 <= args.class_label < k:
+        raise UserError(f"--class-label {args.class_label}: this model knows classes 0..{k - 1}")
+    samplers = [s for s in str(metadata.get("samplers", "")).split(",") if s]
+    if args.sampler and samplers and args.sampler not in samplers:
+        raise UserError(f"--sampler {args.sampler}: this {metadata.get('objective', '')} model samples with "
+                        f"{' or '.join(samplers)}")
+
+
+@command
+def main(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread races os.environ readers
-    p = argparse.ArgumentParser(prog="python -m pipelines.sample", description=__doc__)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or runs:/ID/model")
-    p.add_argument("--steps", default="1", help="comma-separated sampling step counts, e.g. 1,2")
+    p = ArgumentParser(prog="python -m pipelines.sample", description=__doc__)
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a model directory")
+    p.add_argument("--steps", default=[1], type=step_list, help="comma-separated sampling step counts, e.g. 1,2")
     p.add_argument("--n", type=int, default=64, help="images per step count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -34,20 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="samples.png")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
-
+    check_model_server(args.model, args.tracking_uri)  # before the slow imports: fails in seconds
     import mlflow
+    import numpy as np
+    import pandas as pd
 
     from fewstep import lineage
     from fewstep.images import grid, save_png
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
+    info = mlflow.models.get_model_info(args.model)  # its MLmodel file only: checked before the weights load
+    column = info.signature.inputs.input_names()[0] if info.signature else "class_label"
+    check_request(args, column, info.metadata or {})
     model = mlflow.pyfunc.load_model(args.model)
     if line := lineage.summary(args.model):
         print(line)
-    signature = model.metadata.get_input_schema()
-    column = signature.input_names()[0] if signature else "class_label"
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = args.steps
     params = {"seed": args.seed, **({"sampler": args.sampler} if args.sampler else {})}
     if column == "prompt":
         if not args.prompt:
@@ -60,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
             slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
             path = save_png(grid(np.concatenate(blocks), cols), out.with_name(f"{out.stem}-{slug}{out.suffix}"))
-            print(f"wrote {path} ({text!r}: {len(steps)} x {args.n} images; steps {args.steps})")
+            print(f"wrote {path} ({text!r}: {len(steps)} x {args.n} images; steps {','.join(map(str, steps))})")
         return 0
     if column == "class_label":
-        k = int((model.metadata.metadata or {}).get("num_classes", 10))
+        k = int((model.metadata.metadata or {}).get("num_classes", 10))  # checked against --class-label above
         labels = np.full(args.n, args.class_label) if args.class_label is not None else np.arange(args.n) % k
     else:
         labels = np.arange(args.n)
@@ -71,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
     cols = math.ceil(math.sqrt(args.n)) if len(steps) == 1 else args.n
     path = save_png(grid(np.concatenate(blocks), cols), args.out)
-    print(f"wrote {path} ({len(steps)} x {args.n} images; steps {args.steps})")
+    print(f"wrote {path} ({len(steps)} x {args.n} images; steps {','.join(map(str, steps))})")
     return 0
 
 

@@ -47,7 +47,7 @@ def test_shared_bases_are_not_presets_and_every_fashion_preset_uses_one():
     bases = sorted(p.name for p in PRESET_DIR.glob("_*.yaml"))
     assert bases == ["_fashion-t2i.yaml", "_fashion.yaml", "_imagenet64.yaml"]
     assert not any(name.startswith("_") for name in available())
-    with pytest.raises(SystemExit, match="unknown preset '_fashion'"):
+    with pytest.raises(ConfigError, match="unknown preset '_fashion'"):
         preset_path("_fashion")
     for name in available():
         if name.startswith("fashion-"):

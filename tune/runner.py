@@ -15,7 +15,7 @@ from ray import tune
 
 from fewstep.config import TrainConfig, load_config, to_yaml
 from fewstep.data.storage import absolute_spec
-from fewstep.engine import connect_ray
+from fewstep.engine import connect_ray, preflight
 from fewstep.sweeps import SWEEP_TAG, run_trial
 from fewstep.tracking import resolve_uri, run_url, start_or_resume_run
 from pipelines.presets import preset_path
@@ -87,6 +87,7 @@ def run_sweep(
         space.sweep.num_samples = samples
     name = name or f"{cfg.name}-{space_path(space_file).stem}"
     uri = resolve_uri(cfg.tracking.uri)
+    preflight(cfg)  # shards, the MLflow server, teacher / init_from: before the parent run or Ray exist
     registered = cfg.tracking.registered_model or f"{cfg.name}-sweep"
     parent = start_or_resume_run(cfg, name, uri)  # the same parent run when a stopped sweep is re-run
     client = MlflowClient(uri)
@@ -124,5 +125,6 @@ def run_sweep(
     out = Path(output_dir) / name
     published = publish(uri, parent, name, registered, space.sweep.budgets, out,
                         f"{e.fid_n} generated vs {e.fid_n_ref} held-out (in-training FID)")
+    client.set_terminated(parent, "FINISHED")  # RUNNING until here: a sweep that broke never shows FINISHED
     return SweepSummary(name, parent, run_url(uri, parent), restored, published, registered, out.resolve(),
                         metrics, errors)

@@ -14,13 +14,14 @@ import logging
 import os
 import sys
 
-from fewstep.config import ConfigError
+from fewstep.cli import ArgumentParser, command
 from pipelines.presets import available
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread races os.environ readers
-    p = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__,
+    p = ArgumentParser(prog="python -m tune.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(available())}")
     p.add_argument("--space", required=True, help="tune/spaces/NAME.yaml (or just NAME)")
@@ -32,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from tune.runner import run_sweep
 
-    try:
-        s = run_sweep(args.preset, args.space, args.samples, args.overrides, args.name, args.output_dir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    s = run_sweep(args.preset, args.space, args.samples, args.overrides, args.name, args.output_dir)
     print(f"Sweep {s.name}{' (restored)' if s.restored else ''}: parent run {s.parent_url}")
     print(s.published.markdown, end="")
     for alias, (version, row) in s.published.aliases.items():

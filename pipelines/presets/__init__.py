@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
+
+from fewstep.config import ConfigError
 
 PRESET_DIR = Path(__file__).parent
 
@@ -15,5 +18,7 @@ def available() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if name.startswith("_") or not path.is_file():
-        raise SystemExit(f"unknown preset {name!r}; available: {', '.join(available())}")
+        close = difflib.get_close_matches(name, available(), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}; {hint}available: {', '.join(available())}")
     return path

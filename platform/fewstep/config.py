@@ -8,13 +8,15 @@ Validation errors name the dotted field that is wrong.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fewstep import objectives
+from fewstep.cli import UserError
 from fewstep.data.config import DataConfig
 from fewstep.evaluation import EvalConfig
 from fewstep.faults import DebugConfig
@@ -175,7 +177,7 @@ _rebuild_objective_field()
 objectives.on_register(_rebuild_objective_field)  # an objective registered later (a plugin, a test) is known too
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be loaded; the message names the file or field."""
 
 
@@ -240,16 +242,59 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     return deep_merge(read_config_file(base_path, (*_seen, path)), tree)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes an annotation can hold (X, X | None, a union of objective configs)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _section(loc: tuple) -> tuple[str, type[BaseModel] | None, tuple]:
+    """The dotted name and config class of the section an error location points into, and the location without
+    the objective union's tag (pydantic reports objective.ict.huber_c for objective.huber_c)."""
+    cls: type[BaseModel] | None = TrainConfig
+    path: list = []
+    parts = list(loc[:-1])
+    while parts and cls is not None:
+        part = parts.pop(0)
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        path.append(part)
+        classes = _models_in(field.annotation) if field else []
+        if len(classes) > 1 and parts:  # a discriminated union: the next part is the tag (objective.name)
+            tag = parts.pop(0)
+            classes = [c for c in classes if tag in get_args(c.model_fields["name"].annotation)]
+        cls = classes[0] if len(classes) == 1 else None
+    return ".".join(map(str, path)), cls, (*path, *parts, loc[-1]) if loc else ()
+
+
+def _describe(err: dict) -> str:
+    """One validation error as `dotted.key: what is wrong (got X)`, with the valid fields of a section for an
+    unknown key."""
+    section, cls, loc = _section(tuple(err["loc"]))
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden" and cls is not None:
+        valid = list(cls.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {'.'.join(filter(None, [section, close[0]]))}? " if close else ""
+        return f"{key}: unknown field; {hint}valid fields of {section or 'the config'}: {', '.join(valid)}"
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"{key}.name: unknown objective {ctx.get('tag')!r}; choose one of {ctx.get('expected_tags')}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the fields
+        return msg
+    got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+    return f"{key}: {msg}{got}"
+
+
 def build_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else "")
-            for err in e.errors()
-        ]
-        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+        lines = [_describe(err) for err in e.errors()]
+        if len(lines) == 1:
+            raise ConfigError(f"invalid {source}: {lines[0]}") from None
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
 def load_config(

@@ -1,10 +1,12 @@
 """The driver side of a training run: one path, `run`, for `pipelines.train` and sweep trials. It checks the
-config against the world (shards, teacher), opens the MLflow run, runs the loop (Ray Train workers running
-DeepSpeed, or this process with engine.backend=local) and says how it ended (`RunResult`); `train` adds the
-export, the registry and the sample grid."""
+config against the world (`preflight`: shards, the MLflow server, teacher and init_from models) before anything
+exists, opens the MLflow run, runs the loop (Ray Train workers running DeepSpeed, or this process with
+engine.backend=local) and says how it ended (`RunResult`); `train` adds the export, the registry and the sample
+grid. A run that fails once its MLflow run exists ends FAILED with the reason as the `fewstep.failure` tag."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,15 +28,17 @@ from safetensors.torch import save_file
 from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.backends import student_state_dict
-from fewstep.config import TrainConfig
+from fewstep.config import ConfigError, TrainConfig
 from fewstep.faults import DivergenceError
 from fewstep.generator import STUDENT_WEIGHTS, Generator
 from fewstep.images import grid, save_png
 from fewstep.loop import STATUS, Inputs, Place, train_loop
+from fewstep.probe import check_reachable
 from fewstep.tracking import (
     diverged,
     log_and_register,
     log_image_file,
+    mark_failed,
     resolve_uri,
     run_url,
     start_or_resume_run,
@@ -189,28 +193,80 @@ def read_status(cfg: TrainConfig, run_name: str, client: MlflowClient, run_id: s
     return {"status": "diverged", "message": message} if message else {"status": "finished"}
 
 
+@dataclass
+class Preflight:
+    """What `preflight` resolved: the config with absolute shard paths, the tracking URI, the pinned models."""
+
+    cfg: TrainConfig
+    uri: str
+    teacher: str | None
+    init_from: str | None
+
+
+def preflight(cfg: TrainConfig) -> Preflight:
+    """Everything a run needs from the world, checked before an MLflow run or a Ray connection exists (and by
+    `pipelines.train --dry-run`): the shards and test shards exist and are not empty, the MLflow server answers
+    within a few seconds, the teacher and init_from models resolve and fit the config. Errors name the field."""
+    from fewstep.data.storage import absolute_spec, resolve_shards
+
+    # Workers resolve shards themselves (each rank streams its own); here the spec is made absolute and checked.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
+    for key, spec in (("data.shards", cfg.data.shards), ("data.test_shards", cfg.data.test_shards)):
+        if spec is None:
+            continue
+        try:
+            resolve_shards(spec)
+        except OSError as e:  # none there, or an unreachable bucket
+            unset = "" if key == "data.shards" else " (or set data.test_shards=null: no FID reference)"
+            raise ConfigError(f"{key}: {e}: point {key} at your shards or write them with "
+                              f"`python -m pipelines.prepare_data`{unset}") from None
+    uri = resolve_uri(cfg.tracking.uri)
+    check_reachable(uri)
+    teacher = resolve_teacher(cfg, uri)
+    return Preflight(cfg, uri, teacher, lineage.resolve(cfg, uri, teacher))
+
+
 def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) -> RunResult:
     """Check, open (or find again) the MLflow run, train, and report how it ended; a diverged or failed run is
     marked FAILED in MLflow with the reason as a tag. `before_fit(run_id)` runs once the MLflow run exists (sweeps
     tag their trials there)."""
-    from fewstep.data.storage import absolute_spec, resolve_shards
-
-    # Data: workers resolve shards themselves (each rank streams its own); here the spec is made absolute and
-    # checked, so an empty shard list or an unreachable bucket fails before the run or any worker exists.
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
-    resolve_shards(cfg.data.shards)
-    uri = resolve_uri(cfg.tracking.uri)
-    # before the run exists: a bad teacher or init_from model is a config error
-    teacher_ref = resolve_teacher(cfg, uri)
-    init_ref = lineage.resolve(cfg, uri, teacher_ref)
+    pre = preflight(cfg)
+    cfg, uri = pre.cfg, pre.uri
     run_id = start_or_resume_run(cfg, run_name, uri)
     client = MlflowClient(uri)
+    with fail_run_on_error(client, run_id):
+        out = _run(cfg, run_name, pre, run_id, client, callbacks, before_fit)
+    client.set_tag(run_id, STATUS_TAG, out.status)  # every attempt sets it: a resumed run that finishes is clean
+    if out.status != "finished":
+        mark_failed(client, run_id, out.message or out.status)
+    return out
+
+
+@contextlib.contextmanager
+def fail_run_on_error(client: MlflowClient, run_id: str):
+    """An exception inside ends the MLflow run FAILED (Ctrl-C: KILLED) with the reason as a tag; it is raised on."""
+    try:
+        yield
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        try:
+            client.set_tag(run_id, STATUS_TAG, "failed")
+            mark_failed(client, run_id, "interrupted" if interrupted else f"{type(e).__name__}: {e}",
+                        "KILLED" if interrupted else "FAILED")
+        except Exception:  # noqa: BLE001  the original error matters more than the mark
+            log.exception("could not mark MLflow run %s as failed", run_id)
+        raise
+
+
+def _run(cfg: TrainConfig, run_name: str, pre: Preflight, run_id: str, client: MlflowClient, callbacks,
+         before_fit) -> RunResult:
     diverged(client, run_id, clear=True)  # a resumed attempt starts clean
+    teacher_ref, init_ref = pre.teacher, pre.init_from
     if teacher_ref:
         teacher_ref = lineage.record(client, run_id, lineage.TEACHER_TAG, teacher_ref)
     if init_ref:
         init_ref = lineage.record(client, run_id, lineage.PARENT_TAG, init_ref)
-    inputs = resolve_inputs(cfg, run_id, uri, teacher_ref, init_ref)
+    inputs = resolve_inputs(cfg, run_id, pre.uri, teacher_ref, init_ref)
     if before_fit:
         before_fit(run_id)
     root = storage_dir(cfg, run_name)
@@ -225,22 +281,20 @@ def run(cfg: TrainConfig, run_name: str, callbacks: list = (), before_fit=None) 
         metrics = json.loads((checkpoint / "metrics.json").read_text()) if checkpoint else {}
     else:
         connect_ray()
-        result = fit(cfg, run_name, inputs, callbacks)
-        checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-        metrics, error = dict(result.metrics or {}), result.error
+        try:
+            result = fit(cfg, run_name, inputs, callbacks)
+            checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+            metrics, error = dict(result.metrics or {}), result.error
+        except ray.train.TrainingFailedError as e:  # Train V2 raises a worker group's (or controller's) failure
+            checkpoint, metrics, error = None, {}, e
     seconds = time.time() - t0
     status = read_status(cfg, run_name, client, run_id)
     if error is not None:
-        out = RunResult("failed", run_id, run_name, checkpoint, metrics, str(error), error, seconds)
-    elif status["status"] == "diverged":
-        out = RunResult("diverged", run_id, run_name, checkpoint, metrics, status.get("message", ""), None, seconds)
-    else:
-        out = RunResult("finished", run_id, run_name, checkpoint, metrics, "", None, seconds)
-    client.set_tag(run_id, STATUS_TAG, out.status)  # every attempt sets it: a resumed run that finishes is clean
-    if out.status != "finished":
-        client.set_tag(run_id, "fewstep.failure", out.message[:5000])
-        client.set_terminated(run_id, "FAILED")
-    return out
+        return RunResult("failed", run_id, run_name, checkpoint, metrics, f"{type(error).__name__}: {error}", error,
+                         seconds)
+    if status["status"] == "diverged":
+        return RunResult("diverged", run_id, run_name, checkpoint, metrics, status.get("message", ""), None, seconds)
+    return RunResult("finished", run_id, run_name, checkpoint, metrics, "", None, seconds)
 
 
 @dataclass
@@ -266,6 +320,12 @@ def train(cfg: TrainConfig, run_name: str | None = None, output_dir: str | Path 
             f"run {run_name}: {r.message}: {where}. Fix the cause (lr, data, precision) and re-run with the same "
             "run name to resume from that checkpoint."
         )
+    with fail_run_on_error(MlflowClient(resolve_uri(cfg.tracking.uri)), r.run_id):
+        return _publish(cfg, run_name, r, output_dir)
+
+
+def _publish(cfg: TrainConfig, run_name: str, r: RunResult, output_dir: str | Path) -> RunSummary:
+    """A finished run's model exported, registered (the MLflow run ends FINISHED there) and sampled."""
     if r.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     uri = resolve_uri(cfg.tracking.uri)

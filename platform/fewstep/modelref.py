@@ -15,10 +15,12 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fewstep.cli import UserError
+
 _URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+|latest))")
 
 
-class ModelRefError(ValueError):
+class ModelRefError(UserError, ValueError):
     """A model reference that cannot be parsed or resolved; the message names the reference."""
 
 

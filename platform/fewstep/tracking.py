@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
+from mlflow.entities import Param
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 RUN_NAME_TAG = "fewstep.run_name"
 DIVERGED_TAG = "fewstep.diverged"
+FAILURE_TAG = "fewstep.failure"  # why a run ended FAILED (or KILLED)
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PACKAGE_DIR = Path(__file__).parent
 
@@ -59,7 +62,8 @@ def resolve_uri(uri: str | None) -> str:
 
 
 def start_or_resume_run(cfg: TrainConfig, run_name: str, uri: str) -> str:
-    """The MLflow run of this training run: found by its run-name tag when resuming, else created."""
+    """The MLflow run of this training run: found by its run-name tag when resuming (and marked RUNNING again),
+    else created. It stays RUNNING until the run ends: FINISHED once its model is logged, else FAILED."""
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(cfg.tracking.experiment)
     client = MlflowClient(uri)
@@ -67,16 +71,21 @@ def start_or_resume_run(cfg: TrainConfig, run_name: str, uri: str) -> str:
         [exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(exp.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     from fewstep.config import flatten, to_yaml
-    params = {k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()}
-    items = list(params.items())
-    for i in range(0, len(items), 100):  # log_batch takes at most 100 params
-        with mlflow.start_run(run_id=run.info.run_id):
-            mlflow.log_params(dict(items[i : i + 100]))
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
     client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")
     return run.info.run_id
+
+
+def mark_failed(client: MlflowClient, run_id: str, reason: str, status: str = "FAILED") -> None:
+    """End the run as FAILED (or KILLED) with the reason as the `fewstep.failure` tag: never FINISHED."""
+    client.set_tag(run_id, FAILURE_TAG, reason[:5000] or "unknown")
+    client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
 
 
 def last_logged_step(client: MlflowClient, run_id: str, key: str = "loss") -> int:

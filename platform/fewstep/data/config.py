@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class DataConfig(BaseModel):
@@ -56,3 +56,11 @@ class DataConfig(BaseModel):
         "of one process per shard. Raise it for GPU training."
     )
     hflip: bool = Field(False, description="Random horizontal flips (p = 0.5, seeded per sample and epoch).")
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _given(cls, v):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise ValueError("no training shards given: set data.shards to a directory of .tar shards, a glob or a "
+                             "brace pattern (python -m pipelines.prepare_data writes them)")
+        return v
