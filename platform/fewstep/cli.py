@@ -53,7 +53,7 @@ def _mlflow_message(e: BaseException) -> str | None:
         return None
     code = e.error_code
     if code == "RESOURCE_DOES_NOT_EXIST":
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "the default tracking URI"
+        uri = sys.modules["mlflow"].get_tracking_uri()
         return (f"{e.message} (in the MLflow registry at {uri}): check the model name and alias in the MLflow UI "
                 "(Models), or point --tracking-uri / MLFLOW_TRACKING_URI at the server that holds it")
     if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"):
