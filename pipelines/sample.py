@@ -58,11 +58,13 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import pandas as pd
 
-    from fewstep import lineage
+    from fewstep import lineage, modelref
     from fewstep.images import grid, save_png
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
+    if modelref.is_registry_uri(args.model):
+        modelref.pin(args.model, mlflow.get_tracking_uri())  # unknown name or alias: an error naming both
     info = mlflow.models.get_model_info(args.model)  # its MLmodel file only: checked before the weights load
     column = info.signature.inputs.input_names()[0] if info.signature else "class_label"
     check_request(args, column, info.metadata or {})

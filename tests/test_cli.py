@@ -174,8 +174,9 @@ def class_model(mlflow_server, tmp_path_factory) -> str:
 
 
 SAMPLE_ERRORS = {
-    "unknown model": (["--model", "models:/nope@champion"], ["nope", "MLflow registry at http://127.0.0.1:"]),
-    "unknown alias": (["--model", f"models:/{MODEL}@nope"], ["nope", "check the model name and alias"]),
+    "unknown model": (["--model", "models:/nope@champion"],
+                      ["'models:/nope@champion': not found in the registry at http://127.0.0.1:", "nope"]),
+    "unknown alias": (["--model", f"models:/{MODEL}@nope"], [f"'models:/{MODEL}@nope': not found", "alias nope"]),
     "bad class label": (["--class-label", "12"], ["--class-label 12: this model knows classes 0..9"]),
     "bad sampler": (["--sampler", "ddim"], ["--sampler ddim: this ict model samples with ict"]),
     "prompt to a class model": (["--prompt", "a shoe"], ["--prompt: this model is not text-to-image", "--class-label"]),
