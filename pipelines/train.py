@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,12 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="fashion-ict", help=f"one of: {', '.join(available())}")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", help="Ray cluster: local (a private one), auto (`ray start` on this machine), "
+                   "HOST:PORT; default: $RAY_ADDRESS, else local (engine.ray_address)")
     p.add_argument("--run-name", help="reuse a name to resume that run (Ray Train storage + MLflow run)")
     p.add_argument("--output-dir", default="outputs", help="where the final sample grid is written")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(preset_path(args.preset), args.config, args.overrides)
+        address = [f"engine.ray_address={json.dumps(args.address)}"] if args.address else []
+        cfg = load_config(preset_path(args.preset), args.config, args.overrides + address)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -157,6 +157,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
                 "num_classes": cfg.network.num_classes,
                 "sampling_steps": str(caps.steps),
                 "samplers": ",".join(caps.samplers),
+                "max_images": cfg.serving.max_images,  # per request (serving.py refuses more)
             },
         )
     if not name:
