@@ -33,8 +33,9 @@ class FewstepModel(PythonModel):
     `guidance` (classifier-free guidance w).
     A request asks for at most `serving.max_images` images (the model's config; default 256).
     A bad request (more images, a class label that is not an integer, an unknown class, a step count or sampler the
-    objective cannot honour, a prompt to a class-conditional model, an oversized, empty or missing prompt) raises MlflowException(INVALID_PARAMETER_VALUE)
-    naming the input and what is allowed: HTTP 400 with that message when served."""
+    objective cannot honour, a prompt to a class-conditional model, an oversized, empty or missing prompt) raises
+    MlflowException(INVALID_PARAMETER_VALUE) naming the input and what is allowed: HTTP 400 with that message when
+    served."""
 
     def load_context(self, context) -> None:
         self.generator = Generator.from_dir(context.artifacts["model"])
