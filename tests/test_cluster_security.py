@@ -58,9 +58,25 @@ def assert_loopback_only(sockets: list[tuple[str, str, int]], must_include: set[
 
 
 def refused_without_token(gcs_address: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"}
+    # a client of a cluster on 127.0.0.1 runs in Ray's single-machine mode too (as fewstep.cluster.connect_ray does)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"], env=env,
                           capture_output=True, text=True, timeout=180)
+
+
+JOIN = """
+import fewstep, ray
+from fewstep.cluster import ClusterError, connect_ray
+real, fewstep.__version__ = fewstep.__version__, "9.9.9"
+try:
+    connect_ray("{address}")
+except ClusterError as e:
+    print("REFUSED", e, flush=True)
+assert not ray.is_initialized()
+fewstep.__version__ = real
+connect_ray("{address}")
+"""
 
 
 def test_the_private_cluster_listens_on_loopback_only_and_wants_the_token(ray_cluster):
@@ -108,6 +124,17 @@ def test_up_sh_listens_on_loopback_only_wants_the_token_and_down_sh_stops_it(tmp
 
         out = refused_without_token(f"127.0.0.1:{ports['RAY_PORT']}")
         assert out.returncode != 0 and "Authentication token is missing or incorrect" in out.stderr, out.stderr[-2000:]
+
+        # fewstep joins it from a plain shell, refuses it while the driver's fewstep differs from the nodes'
+        out = subprocess.run([sys.executable, "-c", JOIN.format(address=f"127.0.0.1:{ports['RAY_PORT']}")], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-3000:]
+        from fewstep import __version__
+
+        assert (f"REFUSED the Ray cluster at 127.0.0.1:{ports['RAY_PORT']} runs another fewstep than this driver "
+                f"(fewstep 9.9.9): node 127.0.0.1 runs fewstep {__version__}") in out.stdout, out.stdout
+        assert (f"Ray cluster: joined 127.0.0.1:{ports['RAY_PORT']}: 1 node, 1 CPUs, 0 GPUs; fewstep {__version__} "
+                "on every node") in out.stdout, out.stdout
     finally:
         down = subprocess.run(["bash", str(REPO / "infra/local/down.sh")], env=env, capture_output=True, text=True,
                               timeout=120)

@@ -114,6 +114,12 @@ def check_versions(timeout_s: float = VERSION_TIMEOUT_S) -> None:
         )
 
 
+def on_loopback(address: str) -> bool:
+    """HOST:PORT or ray://HOST:PORT with HOST 127.0.0.1 / localhost."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def cluster_address() -> str:
     return ray.get_runtime_context().gcs_address
 
@@ -137,6 +143,12 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         start_local(num_cpus=cpus, object_store_memory=1024**3, log_to_driver=True)
         say(describe("private (token auth, 127.0.0.1 only), started at") + f"; fewstep {fewstep.__version__}")
         return
-    ray.init(address=address, log_to_driver=True)
-    check_versions()
+    # a cluster on 127.0.0.1 (infra/local/up.sh) listens there only: reach it from 127.0.0.1 too
+    with _single_machine() if on_loopback(address) else contextlib.nullcontext():
+        ray.init(address=address, log_to_driver=True)
+    try:
+        check_versions()
+    except ClusterError:
+        ray.shutdown()
+        raise
     say(describe("joined") + f"; fewstep {fewstep.__version__} on every node")
