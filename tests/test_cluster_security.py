@@ -20,11 +20,12 @@ from conftest import REPO, free_port
 pytestmark = pytest.mark.integration
 
 
-def cluster_processes(marker: str, extra: tuple[int, ...] = ()) -> set[psutil.Process]:
-    """The processes whose command line names `marker` (a Ray session or temp dir), their descendants and `extra`."""
+def cluster_processes(*markers: str, extra: tuple[int, ...] = ()) -> set[psutil.Process]:
+    """The processes whose command line names one of `markers` (a Ray session or temp dir, the GCS address), their
+    descendants and `extra`."""
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     roots = [p for p in psutil.process_iter(["cmdline"])
-             if p.pid not in me and marker in " ".join(p.info["cmdline"] or [])]
+             if p.pid not in me and any(m in " ".join(p.info["cmdline"] or []) for m in markers)]
     roots += [psutil.Process(pid) for pid in extra]
     out = set(roots)
     for p in roots:
@@ -104,14 +105,17 @@ def test_up_sh_listens_on_loopback_only_wants_the_token_and_down_sh_stops_it(tmp
     env = {**os.environ, **ports, "FEWSTEP_STATE": str(tmp_path / "state"), "RAY_TEMP_DIR": str(temp_dir),
            "FEWSTEP_BIN": os.path.dirname(sys.executable), "RAY_AGENT_PORT": "0", "RAY_NUM_CPUS": "1"}
     env.pop("RAY_ADDRESS", None)
+    marks = (str(temp_dir), f"--address=127.0.0.1:{ports['RAY_PORT']} ")  # the Ray client server names only the GCS
     try:
         up = subprocess.run(["bash", str(REPO / "infra/local/up.sh")], env=env, capture_output=True, text=True,
                             timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "head started" in up.stdout and "server started" in up.stdout, up.stdout  # not the lead's stack
         mlflow_pid = int((tmp_path / "state/mlflow.pid").read_text())
-        procs = cluster_processes(str(temp_dir), extra=(mlflow_pid,))
-        assert_loopback_only(listening(procs), {"gcs_server", "raylet"})
+        procs = cluster_processes(*marks, extra=(mlflow_pid,))
+        sockets = listening(procs)
+        assert_loopback_only(sockets, {"gcs_server", "raylet", "ray::DashboardAgent"})
+        assert {int(ports[k]) for k in ("RAY_PORT", "RAY_DASHBOARD_PORT", "MLFLOW_PORT")} <= {s[2] for s in sockets}
 
         dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}/api/jobs/"
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -138,7 +142,7 @@ def test_up_sh_listens_on_loopback_only_wants_the_token_and_down_sh_stops_it(tmp
     finally:
         down = subprocess.run(["bash", str(REPO / "infra/local/down.sh")], env=env, capture_output=True, text=True,
                               timeout=120)
-        left = [p for p in cluster_processes(str(temp_dir)) if p.is_running()]
+        left = [p for p in cluster_processes(*marks) if p.is_running()]
         for p in left:  # leave nothing behind even when down.sh failed (this test's processes only)
             p.kill()
     assert "ray: stopped" in down.stdout and "mlflow: stopped" in down.stdout, down.stdout + down.stderr

@@ -6,8 +6,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STATE=${FEWSTEP_STATE:-$ROOT/.infra}
 BIN=${FEWSTEP_BIN:-$ROOT/.venv/bin}
 if [ -n "${RAY_TEMP_DIR:-}" ]; then
-  # the GCS, raylet, dashboard and monitors name their session directory; workers and agents are their children
-  pids=$(pgrep -f -- "$RAY_TEMP_DIR/session_" || true)
+  # the GCS, raylet, dashboard and monitors name their session directory, the Ray client server the GCS address;
+  # workers and agents are the raylet's children
+  pids=$(pgrep -f -- "$RAY_TEMP_DIR/session_|ray.util.client.server --address=127.0.0.1:${RAY_PORT:-6379} " || true)
   if [ -n "$pids" ]; then
     children=$(for p in $pids; do pgrep -P "$p"; done)
     kill -TERM $pids $children 2>/dev/null
