@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install fashion-mnist data demo demo-ladder demo-t2i up down test test-fast lint clean
+.PHONY: install fashion-mnist data demo demo-ladder demo-t2i up down serve test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,16 @@ demo-t2i: install fashion-mnist $(T2I_DATA)/train/manifest.json up
 	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
 	  --model models:/fewstep-fashion-t2i-mcd@champion --steps 4 --n 16 --out outputs/demo-t2i.png $(T2I_PROMPTS)
 	@echo "Registered: models:/fewstep-fashion-t2i-diffusion@champion (teacher), models:/fewstep-fashion-t2i-mcd@champion (4 steps)"
+
+# A registered model over REST on 127.0.0.1 (no authentication: keep it there). The venv's bin is on PATH (above):
+# `mlflow models serve` starts `uvicorn` by name.
+MODEL ?= models:/fewstep-fashion-ict@champion
+PORT ?= 5001
+MLFLOW_TRACKING_URI ?= http://127.0.0.1:5000
+
+serve: install
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/mlflow models serve -m $(MODEL) --env-manager local \
+	  -h 127.0.0.1 -p $(PORT)
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     try:
         factories = splits(name, arg, args)
         if args.ray:
-            from fewstep.engine import connect_ray
+            from fewstep.cluster import connect_ray
 
             connect_ray()
         start = time.perf_counter()

@@ -55,13 +55,12 @@ def worker_env() -> dict[str, str]:
 
 
 def start_local_ray() -> None:
-    """A fresh local cluster of the test's own, even if `make up` runs one. 4 logical CPUs on a 2-core box:
-    2 training workers reserve 1 each and Ray Data keeps a budget (STACK.md: otherwise the read task waits
-    forever)."""
-    import ray
+    """A fresh local cluster of the test's own, even if `make up` runs one, as the library starts one (token auth,
+    127.0.0.1 only). 4 logical CPUs on a 2-core box: 2 training workers reserve 1 each and Ray Data keeps a budget
+    (STACK.md: otherwise the read task waits forever)."""
+    from fewstep.cluster import start_local
 
-    ray.init(
-        address="local",
+    start_local(
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         include_dashboard=False,

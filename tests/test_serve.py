@@ -26,7 +26,8 @@ MODEL = "it-serve"
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory):
-    """models:/it-serve@quality: a tiny class-conditional iCT generator (random weights), logged from code."""
+    """models:/it-serve@quality: a tiny class-conditional iCT generator (random weights), logged from code, at most
+    4 images per request."""
     from fewstep.config import load_config
     from fewstep.generator import Generator
     from fewstep.objectives import build_model
@@ -34,6 +35,7 @@ def registered(mlflow_server, tmp_path_factory):
     from pipelines.presets import preset_path
 
     sets = ["network.channels=[8, 16]", "network.attention=[false, false]", "network.attention_head_dim=8",
+            "serving.max_images=4",
             f"tracking.uri={mlflow_server}", "tracking.experiment=serve", f"tracking.registered_model={MODEL}",
             "tracking.alias=quality"]
     cfg = load_config(preset_path("fashion-ict"), None, sets)
@@ -90,17 +92,25 @@ def test_rest_answers_with_pngs_and_refuses_bad_requests(server):
         "num_steps=3 is not available": {"inputs": {"class_label": [1]}, "params": {"num_steps": 3}},
         "prompt is 10000000 characters long": {"inputs": {"class_label": [1], "prompt": ["x" * 10_000_000]}},
         "conditioned on class labels, not text": {"inputs": {"class_label": [1], "prompt": ["a red dress"]}},
+        # the model's serving.max_images (4 here, 256 by default) caps the images of one request
+        "asks for 5 images; at most serving.max_images=4": {"inputs": {"class_label": [0, 1, 2, 3, 4]}},
+        "class_label": {"dataframe_split": {"columns": ["class_label"], "data": [[3.7]]}},  # not truncated to 3
     }
     for message, body in bad.items():
         status, err = post(server, body)
-        assert 400 <= status < 500, (message, status, err)
+        assert status == 400, (message, status, err)
         assert message in err["message"] and err["error_code"] == "INVALID_PARAMETER_VALUE", err
+    status, err = post(server, {"inputs": {"class_label": ["x"]}})
+    assert status == 400 and "class_label" in err["message"], err
+    status, out = post(server, {"inputs": {"class_label": [1, 2, 3, 4]}, "params": {"num_steps": 1}})  # at the limit
+    assert status == 200 and len(out["predictions"]) == 4, out
 
 
 def test_pyfunc_and_sample_cli_load_the_alias(registered, mlflow_server, tmp_path):
     import mlflow
 
     model = mlflow.pyfunc.load_model(registered)
+    assert model.metadata.metadata["max_images"] == 4  # the registry shows the request limit
     images = model.predict(pd.DataFrame({"class_label": [7, 7, 9]}), params={"num_steps": 2, "seed": 0})
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8  # arrays in Python, PNGs over REST
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}

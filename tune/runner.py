@@ -13,9 +13,10 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from fewstep.cluster import connect_ray
 from fewstep.config import TrainConfig, load_config, to_yaml
 from fewstep.data.storage import absolute_spec
-from fewstep.engine import connect_ray, preflight
+from fewstep.engine import preflight
 from fewstep.sweeps import SWEEP_TAG, run_trial
 from fewstep.tracking import resolve_uri, run_url, start_or_resume_run
 from pipelines.presets import preset_path
@@ -95,7 +96,7 @@ def run_sweep(
     client.log_text(parent, space_path(space_file).read_text(), "sweep/space.yaml")
     client.log_text(parent, to_yaml(space.sweep), "sweep/sweep.yaml")
 
-    connect_ray()
+    connect_ray(cfg.engine.ray_address)
     max_steps = max(space.sweep.budgets.values())
     trainable = tune.with_parameters(run_trial, base_tree=base_tree(cfg, uri), scale=space.scale, sweep=name,
                                      parent_run_id=parent, max_steps=max_steps)

@@ -83,6 +83,7 @@ def main(argv: list[str]) -> None:
 
     import ray
 
+    from fewstep.cluster import start_local
     from fewstep.data.storage import resolve_shards
 
     shards = resolve_shards(args.shards)
@@ -91,8 +92,7 @@ def main(argv: list[str]) -> None:
     # A fresh local cluster of this benchmark's own (never another user's), 4 logical CPUs like the tests;
     # workers import fewstep from the same PYTHONPATH as this process.
     env = {k: os.environ[k] for k in ("PYTHONPATH", "TORCH_EXTENSIONS_DIR") if k in os.environ}
-    ray.init(address="local", num_cpus=4, object_store_memory=1024**3, include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=False)
+    start_local(num_cpus=4, object_store_memory=1024**3, runtime_env={"env_vars": env}, log_to_driver=False)
     ray_ips = ray_stream(args.shards, args.images, args.batch)
     print(f"Ray Data TrainStream, 1 rank:       {ray_ips:8.0f} decoded img/s  (ratio {ray_ips / wds_ips:.2f})",
           flush=True)

@@ -245,12 +245,14 @@ def main(argv: list[str]) -> None:
               "ceiling of this box for 2 x 1 thread)", flush=True)
     import ray
 
+    from fewstep.cluster import start_local
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dash_port = sock.getsockname()[1]
     env_vars = {"PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{REPO}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    ray.init(
-        address="local", num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=True,
+    start_local(  # token auth, 127.0.0.1 only
+        num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=True,
         dashboard_host="127.0.0.1", dashboard_port=dash_port, runtime_env={"env_vars": env_vars},
         _temp_dir=str(tmp / "ray"), log_to_driver=False,
     )

@@ -81,6 +81,13 @@ class EngineConfig(BaseModel):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint.")
     storage_path: str = Field("~/fewstep_runs", description="Ray Train storage (local path or URI).")
     log_every: int = Field(10, ge=1, description="Rank 0 logs metrics every N steps.")
+    ray_address: str | None = Field(
+        None, min_length=1,
+        description="The Ray cluster to train on (`--address`): `local` = a private cluster on this machine (token "
+        "auth, every Ray process on 127.0.0.1 only); `auto` = the cluster `ray start` runs on this machine; "
+        "`HOST:PORT` or `ray://HOST:PORT` = that cluster. None = $RAY_ADDRESS when set (as under `ray job "
+        "submit`), else `local`. A joined cluster must run this fewstep version on every node.",
+    )
     debug: DebugConfig = Field(default_factory=DebugConfig, description="TEST-ONLY fault injection.")
 
     @model_validator(mode="after")
@@ -115,6 +122,16 @@ class EngineConfig(BaseModel):
         return global_batch // (micro * self.num_workers)
 
 
+class ServingConfig(BaseModel):
+    """The registered model behind `mlflow models serve` (read from the model's config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images: int = Field(
+        256, ge=1, description="Most images one prediction request may ask for (rows of its input); a larger "
+        "request is refused with HTTP 400 naming this limit.",
+    )
+
+
 class TrainConfig(BaseModel):
     """Everything a training run needs; saved with every run and logged to MLflow."""
 
@@ -133,6 +150,7 @@ class TrainConfig(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     text: TextConfig = Field(default_factory=TextConfig, description="Text-to-image conditioning (fewstep.text).")
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

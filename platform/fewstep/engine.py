@@ -28,10 +28,12 @@ from safetensors.torch import save_file
 from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.backends import student_state_dict
+from fewstep.cluster import connect_ray
 from fewstep.config import ConfigError, TrainConfig
+from fewstep.console import say, ui_hint
 from fewstep.faults import DivergenceError
 from fewstep.generator import STUDENT_WEIGHTS, Generator
-from fewstep.images import grid, save_png
+from fewstep.images import DISPLAY_CELL, grid, save_png
 from fewstep.loop import STATUS, Inputs, Place, train_loop
 from fewstep.probe import check_reachable
 from fewstep.tracking import (
@@ -47,20 +49,6 @@ from fewstep.worker import train_loop_per_worker
 
 log = logging.getLogger("fewstep")
 STATUS_TAG = "fewstep.status"  # finished | diverged | failed, of the run's last attempt
-
-
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join the running cluster (RAY_ADDRESS, a `ray job`, or `ray start` on this machine); else start a
-    local one with more logical CPUs than the workers reserve, so Ray Data keeps a budget."""
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        log.info("connected to the running Ray cluster")
-    except ConnectionError:
-        cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, object_store_memory=1024**3, include_dashboard=False)
-        log.info("started a local Ray cluster (%d logical CPUs)", cpus)
 
 
 def storage_dir(cfg: TrainConfig, run_name: str) -> Path | None:
@@ -280,7 +268,7 @@ def _run(cfg: TrainConfig, run_name: str, pre: Preflight, run_id: str, client: M
             checkpoint, error = LocalCheckpoints(root, 1).latest(), e
         metrics = json.loads((checkpoint / "metrics.json").read_text()) if checkpoint else {}
     else:
-        connect_ray()
+        connect_ray(cfg.engine.ray_address)
         try:
             result = fit(cfg, run_name, inputs, callbacks)
             checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
@@ -337,7 +325,9 @@ def _publish(cfg: TrainConfig, run_name: str, r: RunResult, output_dir: str | Pa
     n = cfg.eval.grid_size
     labels = generator.grid_labels(n)
     rows = [generator.generate(n, num_steps=k, seed=0, labels=labels) for k in cfg.eval.steps]
-    image = grid(np.concatenate(rows), n)
+    image = grid(np.concatenate(rows), n, cell=DISPLAY_CELL)
     png = save_png(image, out / "samples.png")
     log_image_file(r.run_id, image, "samples/final.png", uri)
+    if hint := ui_hint(uri):
+        say(hint)
     return RunSummary(r.run_id, run_url(uri, r.run_id), name, version, png.resolve(), r.metrics["step"], r.seconds)

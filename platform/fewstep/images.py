@@ -15,8 +15,19 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 mosaic."""
+DISPLAY_CELL = 128  # px: the grids a run writes show each sample at least this large (32x32 -> 4x)
+
+
+def upscale(images: np.ndarray, factor: int) -> np.ndarray:
+    """(N, H, W, C) -> (N, factor*H, factor*W, C), nearest neighbour: every pixel a factor x factor block."""
+    return images if factor == 1 else images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def grid(images: np.ndarray, cols: int, pad: int = 2, cell: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 mosaic. `cell`: upscale each image
+    by the smallest integer factor that makes it at least `cell` pixels high first (the padding stays `pad`)."""
+    if cell:
+        images = upscale(images, max(1, -(-cell // images.shape[1])))
     n, h, w, c = images.shape
     rows = -(-n // cols)
     out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)

@@ -24,12 +24,13 @@ from fewstep import lineage
 from fewstep import teacher as teachers
 from fewstep.backends import build_backend, micro_batch
 from fewstep.config import TrainConfig
+from fewstep.console import say, timing
 from fewstep.data.stream import TrainStream
 from fewstep.distributed import enable_activation_checkpointing
 from fewstep.evaluation import TrainingFID
 from fewstep.faults import DebugHooks, DivergenceGuard
 from fewstep.generator import Generator
-from fewstep.images import grid
+from fewstep.images import DISPLAY_CELL, grid
 from fewstep.objectives import build_model, build_objective
 from fewstep.optim import ema_update
 from fewstep.tracking import last_logged_step, mark_diverged
@@ -69,11 +70,14 @@ def _log(mlflow: MlflowClient, run_id: str, metrics: dict[str, float], step: int
 
 
 class MetricsLogger:
-    """Rank 0: loss, lr, throughput and data wait every engine.log_every steps, to MLflow and stdout."""
+    """Rank 0: loss, lr, throughput and data wait every engine.log_every steps, to MLflow and stdout (with the time
+    since this attempt's first step and the ETA)."""
 
-    def __init__(self, cfg: TrainConfig, mlflow: MlflowClient, run_id: str, images_per_step: int, logged_through: int):
+    def __init__(self, cfg: TrainConfig, mlflow: MlflowClient, run_id: str, images_per_step: int, logged_through: int,
+                 first_step: int = 0):
         self.cfg, self.mlflow, self.run_id, self.images_per_step = cfg, mlflow, run_id, images_per_step
         self.logged_through = logged_through  # a restore replays steps after the checkpoint: log each step once
+        self.first_step, self.started = first_step, time.perf_counter()
         self.reset()
 
     def reset(self) -> None:
@@ -89,9 +93,10 @@ class MetricsLogger:
                    "data_wait_frac": self.wait / elapsed, "epoch": float(epoch), "skipped_steps": float(skipped)}
         if step > self.logged_through:
             _log(self.mlflow, self.run_id, metrics, step)
-            print(f"step {step}/{self.cfg.optim.total_steps} loss {metrics['loss']:.4f} "
-                  + "".join(f"{k} {v:g} " for k, v in info.items())
-                  + f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}%", flush=True)
+            total = self.cfg.optim.total_steps
+            say(f"step {step}/{total} loss {metrics['loss']:.4f} " + "".join(f"{k} {v:g} " for k, v in info.items())
+                + f"{metrics['images_per_s']:.0f} img/s data-wait {100 * metrics['data_wait_frac']:.1f}% | "
+                + timing(step, total, self.first_step, time.perf_counter() - self.started))
         self.reset()
 
 
@@ -114,13 +119,13 @@ class Evaluator:
             n = e.grid_size**2
             for k in e.steps:
                 imgs = gen.generate(n, num_steps=k, seed=0, labels=gen.grid_labels(n))
-                self.mlflow.log_image(self.run_id, grid(imgs, e.grid_size), key=f"samples_{k}step", step=step)
+                image = grid(imgs, e.grid_size, cell=DISPLAY_CELL)
+                self.mlflow.log_image(self.run_id, image, key=f"samples_{k}step", step=step)
         if self.fid is not None and (step % e.fid_every == 0 or last):
             scores = self.fid(gen)
             _log(self.mlflow, self.run_id, {f"fid_steps_{k}": v for k, v in scores.items()}, step)
             self.last_fid.update({f"fid_steps_{k}": v for k, v in scores.items()})
-            print(f"step {step} FID ({e.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()),
-                  flush=True)
+            say(f"step {step} FID ({e.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()))
 
 
 class Checkpointer:
@@ -221,7 +226,7 @@ def train_loop(cfg: TrainConfig, place: Place, inputs: Inputs) -> str:
         mlflow.log_metric(run_id, "resumed_from_step", step, step=step)
     guard = DivergenceGuard(cfg.engine.max_bad_steps, world, skipped)
     hooks = DebugHooks(cfg.engine.debug, rank, Path(os.path.expanduser(cfg.engine.storage_path)), run_id)
-    logger = MetricsLogger(cfg, mlflow, run_id, micro * accum * world, logged_through) if mlflow else None
+    logger = MetricsLogger(cfg, mlflow, run_id, micro * accum * world, logged_through, step) if mlflow else None
     evaluate = Evaluator(cfg, mlflow, run_id, ema, text, inputs.fid_reference, logged_through) if mlflow else None
     conditional = cfg.network.num_classes > 0
 
@@ -240,7 +245,7 @@ def train_loop(cfg: TrainConfig, place: Place, inputs: Inputs) -> str:
             logger.wait += wait
         if out.skipped:
             if rank == 0:
-                print(f"step {step + 1}: non-finite loss, skipped ({guard.in_a_row} in a row)", flush=True)
+                say(f"step {step + 1}: non-finite loss, skipped ({guard.in_a_row} in a row)")
             if guard.diverged:  # stop without a checkpoint: the last good one stays the latest
                 message = guard.message(step + 1, ckpt.saved)
                 if mlflow:

@@ -31,9 +31,11 @@ class FewstepModel(PythonModel):
     base64 PNG strings; default png under `mlflow models serve` (MLflow marks its serving process), else array.
     Text-to-image models: a `prompt` column (one image per prompt) and, for diffusion models, the param
     `guidance` (classifier-free guidance w).
-    A bad request (unknown class, a step count or sampler the objective cannot honour, a prompt to a
-    class-conditional model, an oversized, empty or missing prompt) raises MlflowException(INVALID_PARAMETER_VALUE)
-    naming the input and what is allowed: HTTP 400 with that message when served."""
+    A request asks for at most `serving.max_images` images (the model's config; default 256).
+    A bad request (more images, a class label that is not an integer, an unknown class, a step count or sampler the
+    objective cannot honour, a prompt to a class-conditional model, an oversized, empty or missing prompt) raises
+    MlflowException(INVALID_PARAMETER_VALUE) naming the input and what is allowed: HTTP 400 with that message when
+    served."""
 
     def load_context(self, context) -> None:
         self.generator = Generator.from_dir(context.artifacts["model"])
@@ -54,6 +56,10 @@ class FewstepModel(PythonModel):
             raise ValueError(f"output={output!r}: choose array (uint8 images) or png (base64 PNG strings)")
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
+        limit = self.generator.cfg.serving.max_images
+        if len(model_input) > limit:
+            raise ValueError(f"the request asks for {len(model_input)} images; at most serving.max_images={limit} "
+                             "are allowed per request")
         if "prompt" in model_input.columns and model_input["prompt"].notna().any():
             longest = int(model_input["prompt"].astype(str).str.len().max())
             if longest > MAX_PROMPT_CHARS:
@@ -68,7 +74,7 @@ class FewstepModel(PythonModel):
             if self.generator.conditional:
                 if "class_label" not in model_input.columns:
                     raise ValueError("this model is class-conditional: the input needs a `class_label` column")
-                labels = model_input["class_label"].to_numpy(dtype=np.int64)
+                labels = integer_labels(model_input["class_label"])
             images = self.generator.generate(
                 len(model_input), num_steps=num_steps, seed=seed, labels=labels, sampler=sampler
             )
@@ -86,6 +92,17 @@ class FewstepModel(PythonModel):
         guidance = None if guidance is None or not self.generator.capabilities.guidance else float(guidance)
         return self.generator.generate(len(prompts), num_steps=num_steps, seed=seed, labels=prompts,
                                        sampler=sampler, guidance=guidance)
+
+
+def integer_labels(column: pd.Series) -> np.ndarray:
+    """The class labels as int64; a value that is not an integer (3.7, "x", a missing one) is refused, not
+    truncated."""
+    for value in column.tolist():
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        ok = ok or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+        if not ok:
+            raise ValueError(f"class_label {value!r} is not an integer: give integer class labels")
+    return column.to_numpy(dtype=np.int64)
 
 
 def png_base64(image: np.ndarray) -> str:

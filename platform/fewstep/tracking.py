@@ -16,6 +16,7 @@ from mlflow.entities import Param
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fewstep.objectives import build_objective
@@ -127,7 +128,10 @@ def signature(cfg: TrainConfig) -> ModelSignature:
         ParamSpec("output", "string", ""),  # "" = png when served over REST, array in Python (serving.py)
     ]
     # `prompt` is optional for class models so that a text request reaches the model and gets a clear refusal
-    inputs = Schema([ColSpec("long", column), ColSpec("string", "prompt", required=False)])
+    # class labels typed `any`: MLflow's REST parser casts to a `long` column's dtype, truncating 3.7 to 3 before
+    # serving.py could refuse it; serving.py checks that every label is an integer and names the column
+    label = ColSpec(AnyType() if column == "class_label" else "long", column)
+    inputs = Schema([label, ColSpec("string", "prompt", required=False)])
     if cfg.text.enabled:  # text-to-image: one prompt per image; diffusion models take a guidance scale
         inputs = Schema([ColSpec("string", "prompt")])
         if caps.guidance:
@@ -166,6 +170,7 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
                 "num_classes": cfg.network.num_classes,
                 "sampling_steps": str(caps.steps),
                 "samplers": ",".join(caps.samplers),
+                "max_images": cfg.serving.max_images,  # per request (serving.py refuses more)
             },
         )
     if not name:
