@@ -142,10 +142,15 @@ def reference_of(
         if n_ref:
             samples = itertools.islice(samples, n_ref)
         while chunk := [s["image"] for s in itertools.islice(samples, REF_BLOCK)]:
+            if n_ref and len(chunk) < min(REF_BLOCK, n_ref - count):
+                count += len(chunk)
+                break  # the shards ran out before n_ref: refuse before featurising this block
             block = np.ascontiguousarray(pad_to(np.stack(chunk), size))
             digest.update(block.tobytes())
             count += len(block)
             yield block
+        if n_ref and count < n_ref:
+            raise ValueError(f"{source} holds {count} images, fewer than the {n_ref} reference images asked for")
 
     if npz.is_file():  # statistics from before reference hashes: hash the images, keep the statistics
         for _ in blocks():
@@ -160,8 +165,6 @@ def reference_of(
             for block in blocks():
                 moments.add(features(block))
         mu, sigma = moments.stats()
-    if n_ref and count < n_ref:
-        raise ValueError(f"{source} holds {count} images, fewer than the {n_ref} reference images asked for")
     ref = Reference(mu, sigma, digest.hexdigest(), count, size, source)
     npz.parent.mkdir(parents=True, exist_ok=True)
     if not npz.is_file():

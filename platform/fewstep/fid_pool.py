@@ -95,8 +95,10 @@ class Extractor:
 
     def __init__(self, models: Sequence[Any], device: str | None = None, threads: int | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if threads:  # an actor owns its process: generation and features on its reserved CPUs
+            torch.set_num_threads(threads)
         self.models = list(models)
-        self.features = InceptionFeatures(device=self.device, threads=threads)
+        self.features = InceptionFeatures(device=self.device)
         self._loaded: tuple[int, Generator] | None = None
 
     def generator(self, i: int) -> Generator:
