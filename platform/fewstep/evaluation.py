@@ -201,22 +201,23 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
 
 class TrainingFID:
     """Rank 0's periodic FID of the EMA generator: eval.fid_n class-balanced samples per step count against
-    eval.fid_n_ref held-out images (statistics loaded or computed on first use, cached next to the shards)."""
+    eval.fid_n_ref held-out images (statistics loaded or computed on first use, cached next to the shards);
+    `reference.sha256` identifies them once the first FID is computed."""
 
     def __init__(self, cfg: TrainConfig, reference_shards: list[str]):
         self.cfg = cfg
         self.shards = reference_shards
         self.features = InceptionFeatures()  # the worker already set torch's thread count
-        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+        self.reference: Reference | None = None
 
     def __call__(self, gen: Generator) -> dict[int, float]:
         e = self.cfg.eval
         if self.reference is None:
-            self.reference = heldout_reference(self.shards, e.fid_n_ref, self.cfg.data.image_size, self.features)
+            self.reference = reference_of(self.shards, e.fid_n_ref, self.cfg.data.image_size, self.features)
         labels = balanced_labels(e.fid_n, self.cfg.network.num_classes) if gen.conditional else None
         return fid_per_steps(
             lambda k: gen.generate(e.fid_n, num_steps=k, seed=0, labels=labels),
-            e.fid_steps or self.cfg.eval.steps, self.reference, self.features,
+            e.fid_steps or self.cfg.eval.steps, (self.reference.mu, self.reference.sigma), self.features,
         )
 
 
