@@ -332,7 +332,7 @@ class Evaluation:
 
 
 def evaluate(
-    uri: str, steps: list[int], n: int | None = None, reference_shards: str | None = None, n_ref: int | None = None,
+    uri: str, steps: list[int], *, n: int | None = None, reference_shards: str | None = None, n_ref: int | None = None,
     seeds: int | None = None, seed: int = 0, log: bool = True, sampler: str | None = None,
     num_workers: int | None = None, use_gpu: bool | None = None, progress: bool = True,
 ) -> Evaluation:

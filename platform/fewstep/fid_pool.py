@@ -14,6 +14,7 @@ them blocks as they finish. Results come back as Inception features merged into 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -130,7 +131,11 @@ class FeaturePool:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if num_workers == 0:
-            self.local: Extractor | None = Extractor(models, device=_device_of(models))
+            if use_gpu and not torch.cuda.is_available():
+                raise ValueError("use_gpu: this process sees no GPU")
+            device = "cuda" if use_gpu or (use_gpu is None and torch.cuda.is_available()) else None
+            self.local: Extractor | None = Extractor([_on(g, device) for g in models], device=device or
+                                                     _device_of(models))
             return
         import ray
 
@@ -226,6 +231,15 @@ class FeaturePool:
             left[job] -= len(feats)
             if not left[job]:
                 yield job, moments.pop(job)
+
+
+def _on(gen: Generator, device: str | None) -> Generator:
+    """gen on `device` (a copy when it lives elsewhere: the caller's model stays where it is); None = as is."""
+    if device is None or next(gen.model.parameters()).device.type == torch.device(device).type:
+        return gen
+    from fewstep.generator import Generator
+
+    return Generator(copy.deepcopy(gen.model).to(device), gen.cfg)
 
 
 def _device_of(models: Sequence[Generator]) -> str:
