@@ -309,6 +309,8 @@ def evaluate_loaded(
     if not seed_list or n < 2:
         raise ValueError(f"need at least one seed and n >= 2 samples, got seeds={seeds} n={n}")
     size = next(iter(sizes.values()))
+    if isinstance(reference, Reference) and reference.size != size:
+        raise ValueError(f"the reference statistics are of {reference.size}px images, the models make {size}px")
     with FeaturePool(gens, num_workers, use_gpu, progress=progress) as pool:
         ref = reference if isinstance(reference, Reference) else reference_of(reference, n_ref, size, pool)
         jobs = [SampleJob(i, k, s, n) for i in range(len(gens)) for k in steps for s in seed_list]
