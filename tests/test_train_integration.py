@@ -80,13 +80,16 @@ def test_train_track_register_and_load_in_fresh_process(ray_cluster, mlflow_serv
     # FID by step count lands on the model version (tags) and its run (metrics + plot)
     from fewstep.evaluation import evaluate
 
-    ev = evaluate("models:/it-fashion-ict@champion", [1, 2], n=10, reference_shards=str(shards), n_ref=10)
+    ev = evaluate("models:/it-fashion-ict@champion", [1, 2], n=10, reference_shards=str(shards), n_ref=10, seeds=1,
+                  progress=False)
     assert set(ev.fid) == {1, 2} and all(math.isfinite(v) and v > 0 for v in ev.fid.values())
     assert client.get_metric_history(s.run_id, "fid_steps_2")[0].value == pytest.approx(ev.fid[2])
     tags = client.get_model_version("it-fashion-ict", mv.version).tags
-    assert float(tags["fid_steps_1"]) == pytest.approx(ev.fid[1], abs=1e-3)
+    assert tags["fid_steps_1"] == f"{ev.fid[1]:.2f} ± 0.00"
+    assert tags["fid_reference_sha256"] == ev.table.reference["sha256"] and tags["fid_reference_n"] == "10"
     assert "fid_vs_steps.png" in {f.path.split("/")[-1] for f in client.list_artifacts(s.run_id, "evaluation")}
     assert (shards / "fid_stats_10_32px.npz").is_file()  # reference statistics cached next to the shards
+    assert (shards / "fid_stats_10_32px.json").is_file()  # with the sha256 of their images
 
 
 def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cluster, mlflow_server, shards, tmp_path):
@@ -137,7 +140,7 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
     # a diffusion model's served default is its largest eval step count (eval.steps), not 1
     assert np.array_equal(model.predict(frame, params={"seed": 0}), model.predict(frame, params={"num_steps": 2}))
     ev = evaluate("models:/it-fashion-diffusion@champion", [2], n=4, reference_shards=str(shards), n_ref=4,
-                  sampler="addim")
+                  sampler="addim", seeds=1, progress=False)
     assert client.get_metric_history(t.run_id, "fid_steps_2_addim")[0].value == pytest.approx(ev.fid[2])
 
     # a student whose network differs cannot start from the teacher: refused before any run or worker exists

@@ -130,6 +130,38 @@ def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class Moments:
+    """Running mean and unbiased covariance of (N, D) features added block by block: the (mu, sigma) of stats()
+    on all blocks concatenated, without keeping them (a 50k-sample set stays one D x D matrix). Blocks merge by
+    the pairwise update of Chan, Golub & LeVeque (1979): M2 = M2_a + M2_b + delta delta^T n_a n_b / n, with
+    delta = mean_b - mean_a and sigma = M2 / (n - 1)."""
+
+    def __init__(self, dim: int = FEATURE_DIM):
+        self.n = 0
+        self.mean = np.zeros(dim)
+        self.m2 = np.zeros((dim, dim))
+
+    def add(self, features: np.ndarray) -> Moments:
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"Moments of dimension {len(self.mean)} got features of shape {x.shape}")
+        if not len(x):
+            return self
+        m, mean_b = len(x), x.mean(axis=0)
+        centred = x - mean_b
+        delta, n = mean_b - self.mean, self.n + m
+        self.m2 += centred.T @ centred + np.outer(delta, delta) * (self.n * m / n)
+        self.mean += delta * (m / n)
+        self.n = n
+        return self
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """mean (D,), unbiased covariance (D, D), as stats()."""
+        if self.n < 2:
+            raise ValueError(f"Moments needs at least 2 features, got {self.n}")
+        return self.mean.copy(), self.m2 / (self.n - 1)
+
+
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr((S1 S2)^(1/2)) for symmetric PSD S1, S2. S1 S2 is similar to the symmetric PSD matrix
     S1^(1/2) S2 S1^(1/2), so the trace is the sum of square roots of that matrix's eigenvalues: two eigh
