@@ -73,6 +73,9 @@ class PosthocEMA:
 
     def restore(self, d: Path) -> int:
         """The trackers and snapshots of checkpoint d; returns the trackers' step."""
+        if not (d / POSTHOC_DIR / STATE).is_file():
+            raise ValueError(f"checkpoint {d} has no {POSTHOC_DIR}/{STATE}: it was written with ema.mode=classic; "
+                             "resume it with the ema.mode it was trained with")
         state = load_file(str(d / POSTHOC_DIR / STATE), device=str(self.module_device))
         self.tracker.load_state_dict(state)
         for f in sorted((d / POSTHOC_DIR / SNAPSHOTS).glob("*.safetensors")):
