@@ -81,6 +81,16 @@ def test_posthoc_cli_registers_best_ema_per_step_budget(mlflow_server, shards, t
     images = gen.generate(4, num_steps=1, labels=[0, 1, 2, 3])
     assert images.shape == (4, 32, 32, 1) and images.std() > 0
 
+    # what a sweep with sweep.rank=posthoc reads from a trial's run, and registers for a winning budget
+    from tune.publish import register, trial_fid
+
+    t = trial_fid(client.get_run(r.run_id), "posthoc")
+    assert t.fid == {k: metrics[f"posthoc_fid_steps_{k}"] for k in (1, 2)} and set(t.ema) == {1, 2}
+    version = register(client, "it-posthoc-sweep", t, "sweep", t.ema[1])
+    assert register(client, "it-posthoc-sweep", t, "sweep", t.ema[1]) == version  # one version per run and length
+    path = model_dir(f"models:/it-posthoc-sweep/{version}", mlflow_server, tmp_path / "dl-sweep")
+    assert all(torch.equal(load_file(str(path / "weights.safetensors"))[k], v) for k, v in expected.items())
+
     # a run of the classic EMA is refused with a clear error (before any checkpoint or FID is looked at)
     from fewstep.tracking import start_or_resume_run
 
