@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install fashion-mnist data demo demo-ladder demo-t2i up down serve test test-fast lint clean
+.PHONY: install fashion-mnist data demo demo-ladder demo-posthoc demo-t2i up down serve test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,26 @@ demo-ladder: install fashion-mnist data up
 	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.sample \
 	  --model models:/fewstep-fashion-mcd@champion --steps 4 --n 10 --out outputs/ladder-mcd.png
 	@echo "MLflow UI: http://127.0.0.1:5000   (stop the services with 'make down')"
+
+# Classic vs post-hoc EMA from the same seed: fashion-ict trained with ema.mode=classic and with ema.mode=posthoc
+# (registered as fewstep-fashion-ict-classic / -posthoc), the classic model's FID, then the post-hoc EMA table
+# and @best-1step / @best-2step (docs/training.md#post-hoc-ema). POSTHOC_SET="--set optim.total_steps=20" shrinks it.
+POSTHOC_SET ?=
+POSTHOC_FID ?= --n 1000 --n-ref 2000
+POSTHOC_ARGS = --preset fashion-ict --set data.shards=$(DATA)/train --set data.test_shards=$(DATA)/test \
+	--set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs $(POSTHOC_SET)
+
+demo-posthoc: install fashion-mnist data up
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.train \
+	  $(POSTHOC_ARGS) --run-name fashion-ict-classic --set tracking.registered_model=fewstep-fashion-ict-classic
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.train \
+	  $(POSTHOC_ARGS) --run-name fashion-ict-posthoc --set tracking.registered_model=fewstep-fashion-ict-posthoc \
+	  --set ema.mode=posthoc
+	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.evaluate \
+	  --model models:/fewstep-fashion-ict-classic@champion --steps 1,2 $(POSTHOC_FID)
+	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.posthoc_ema \
+	  --run fashion-ict-posthoc --tracking-uri http://127.0.0.1:5000 --sigma-rel 0.02,0.05,0.1,0.2 --steps 1,2 \
+	  --seeds 2 $(POSTHOC_FID) --output-dir $(CURDIR)/outputs
 
 # Text-to-image demo: varied-caption shards, a text diffusion teacher, its 4-step multistep CD student, grids per
 # prompt. Shrink it with e.g. T2I_SET="--set optim.total_steps=20" (applied to both trainings).

@@ -37,7 +37,47 @@ def test_pareto_best_within_budget_and_front():
     winners = alias_winners(list(table.values()), BUDGETS)
     assert {a: w.run_id for a, w in winners.items()} == {"fast": "rc", "balanced": "rb", "quality": "rb"}
     md = to_markdown(list(table.values()), BUDGETS)
-    assert "| <= 1 | 80.0 | 1 | c | @fast | yes |" in md and "| <= 8 | 40.0 | 4 | b | @quality |  |" in md
+    assert "| <= 1 | 80.0 | 1 | c | exported | @fast | yes |" in md
+    assert "| <= 8 | 40.0 | 4 | b | exported | @quality |  |" in md
+
+
+def test_posthoc_rank_reads_the_best_ema_per_step_count_and_the_table_names_its_length():
+    """sweep.rank=posthoc: a trial's point at k steps is its best post-hoc EMA at k (posthoc_fid_steps_<k>, with the
+    length posthoc_sigma_rel_steps_<k>), not its in-training FID; the Pareto rows carry that length."""
+    from mlflow.entities import Metric, Run, RunData, RunInfo, RunTag
+
+    from tune.publish import trial_fid
+
+    def run(run_id, trial, metrics):
+        info = RunInfo(run_id, "0", "u", "FINISHED", 0, 1, "active", run_name=trial)
+        return Run(info, RunData(metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                                 tags=[RunTag("fewstep.trial", trial)]))
+
+    a = run("ra", "a", {"fid_steps_1": 90.0, "fid_steps_2": 60.0, "posthoc_fid_steps_1": 70.0,
+                        "posthoc_sigma_rel_steps_1": 0.2, "posthoc_fid_steps_2": 55.0,
+                        "posthoc_sigma_rel_steps_2": 0.05})
+    b = run("rb", "b", {"fid_steps_1": 75.0, "posthoc_fid_steps_1": 74.0, "posthoc_sigma_rel_steps_1": 0.1})
+    assert trial_fid(a) == TrialFID("a", "ra", {1: 90.0, 2: 60.0})
+    posthoc = [trial_fid(a, "posthoc"), trial_fid(b, "posthoc")]
+    assert posthoc[0] == TrialFID("a", "ra", {1: 70.0, 2: 55.0}, {1: 0.2, 2: 0.05})
+    assert trial_fid(run("rc", "c", {"fid_steps_1": 80.0}), "posthoc") is None  # no post-hoc result: not ranked
+    # ranked on the in-training FID, b wins 1 step; on the post-hoc FID, a's sigma_rel 0.2 EMA does
+    assert pareto_table([trial_fid(a), trial_fid(b)], [1])[0].trial == "b"
+    table = {r.budget: r for r in pareto_table(posthoc, BUDGETS.values())}
+    assert (table[1].trial, table[1].fid, table[1].ema) == ("a", 70.0, 0.2)
+    assert (table[4].steps, table[4].ema) == (2, 0.05)  # the best within 4 steps samples in 2, with another EMA
+    md = to_markdown(list(table.values()), BUDGETS)
+    assert "| <= 1 | 70.0 | 1 | a | sigma_rel 0.2 | @fast | yes |" in md
+    assert "| <= 4 | 55.0 | 2 | a | sigma_rel 0.05 | @balanced |  |" in md
+
+
+def test_posthoc_rank_needs_posthoc_trials(tmp_path):
+    ict = load_config(preset_path("fashion-ict"))
+    with pytest.raises(ConfigError, match=r"sweep.rank=posthoc needs .*ema.mode=posthoc"):
+        load_space("pseudo_huber", ict, ["sweep.rank=posthoc"])
+    posthoc = load_config(preset_path("fashion-ict"), None, ["ema.mode=posthoc"])
+    space = load_space("pseudo_huber", posthoc, ["sweep.rank=posthoc"])
+    assert space.sweep.rank == "posthoc" and space.sweep.posthoc_sigma_rels == [0.02, 0.05, 0.1, 0.2]
 
 
 def test_pareto_budget_no_trial_meets_and_ties():

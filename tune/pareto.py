@@ -4,6 +4,8 @@ which trial each registry alias (`fast`, `balanced`, `quality`) should point at.
 A trial contributes one point (k, FID) per step count k it was evaluated at. For a budget b the best model is
 the lowest FID over all points with k <= b (ties: fewer steps, then trial name). Budgets where that best strictly
 improves on every smaller budget are the Pareto front: no point uses fewer steps at a lower or equal FID.
+Under `sweep.rank=posthoc` a trial's point at k steps is its best post-hoc EMA at k steps, and the table names that
+EMA length (sigma_rel); otherwise the point is the trial's exported EMA.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -20,6 +22,7 @@ class TrialFID:
     trial: str
     run_id: str
     fid: dict[int, float]  # sampling steps -> FID
+    ema: dict[int, float] = field(default_factory=dict)  # sampling steps -> the post-hoc EMA length (sigma_rel)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class BudgetBest:
     trial: str | None
     run_id: str | None
     on_front: bool
+    ema: float | None = None  # the winner's post-hoc EMA length (sigma_rel); None: its exported (classic) EMA
 
 
 def best_within(trials: Iterable[TrialFID], budget: int) -> tuple[float, int, TrialFID] | None:
@@ -49,7 +53,7 @@ def pareto_table(trials: list[TrialFID], budgets: Iterable[int]) -> list[BudgetB
             rows.append(BudgetBest(b, None, None, None, None, False))
             continue
         fid, steps, t = found
-        rows.append(BudgetBest(b, fid, steps, t.trial, t.run_id, on_front=fid < best_so_far))
+        rows.append(BudgetBest(b, fid, steps, t.trial, t.run_id, on_front=fid < best_so_far, ema=t.ema.get(steps)))
         best_so_far = min(best_so_far, fid)
     return rows
 
@@ -62,11 +66,13 @@ def alias_winners(table: list[BudgetBest], budgets: dict[str, int]) -> dict[str,
 
 def to_markdown(table: list[BudgetBest], budgets: dict[str, int]) -> str:
     alias_of = {b: a for a, b in budgets.items()}
-    lines = ["| budget (steps) | best FID | at steps | trial | alias | Pareto front |", "|---|---|---|---|---|---|"]
+    lines = ["| budget (steps) | best FID | at steps | trial | EMA | alias | Pareto front |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
         fid = f"{r.fid:.1f}" if r.fid is not None else "-"
         alias = f"@{alias_of[r.budget]}" if r.budget in alias_of and r.fid is not None else ""
-        lines.append(f"| <= {r.budget} | {fid} | {r.steps or '-'} | {r.trial or '-'} | {alias} | "
+        ema = "-" if r.fid is None else f"sigma_rel {r.ema:g}" if r.ema is not None else "exported"
+        lines.append(f"| <= {r.budget} | {fid} | {r.steps or '-'} | {r.trial or '-'} | {ema} | {alias} | "
                      f"{'yes' if r.on_front else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -99,7 +99,8 @@ def run_sweep(
     connect_ray(cfg.engine.ray_address)
     max_steps = max(space.sweep.budgets.values())
     trainable = tune.with_parameters(run_trial, base_tree=base_tree(cfg, uri), scale=space.scale, sweep=name,
-                                     parent_run_id=parent, max_steps=max_steps)
+                                     parent_run_id=parent, max_steps=max_steps, rank=space.sweep.rank,
+                                     posthoc_sigma_rels=space.sweep.posthoc_sigma_rels)
     # The trial actor only drives the inner TorchTrainer; its workers reserve the CPUs (a 1-CPU trial
     # driver starves the trainers of two concurrent trials).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
@@ -124,8 +125,9 @@ def run_sweep(
         metrics[(r.metrics or {}).get("trial_id", r.path)] = r.metrics or {}
     e = cfg.eval
     out = Path(output_dir) / name
+    what = "post-hoc EMA FID" if space.sweep.rank == "posthoc" else "in-training FID"
     published = publish(uri, parent, name, registered, space.sweep.budgets, out,
-                        f"{e.fid_n} generated vs {e.fid_n_ref} held-out (in-training FID)")
+                        f"{e.fid_n} generated vs {e.fid_n_ref} held-out ({what})", rank=space.sweep.rank)
     client.set_terminated(parent, "FINISHED")  # RUNNING until here: a sweep that broke never shows FINISHED
     return SweepSummary(name, parent, run_url(uri, parent), restored, published, registered, out.resolve(),
                         metrics, errors)

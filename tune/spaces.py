@@ -48,6 +48,12 @@ class SweepConfig(BaseModel):
         description="Registry alias -> max sampling steps: the alias points at the best model within it.",
     )
     storage_path: str = Field("~/fewstep_sweeps", description="Tune experiment storage (restore looks here).")
+    rank: Literal["final", "posthoc"] = Field(
+        "final", description="final: rank trials on the FID of their exported EMA. posthoc (needs ema.mode=posthoc): "
+        "on the best post-hoc EMA per step count, reconstructed after each trial at the lengths posthoc_sigma_rels.")
+    posthoc_sigma_rels: list[float] = Field(
+        default_factory=lambda: [0.02, 0.05, 0.1, 0.2], min_length=1,
+        description="sweep.rank=posthoc: the EMA lengths each finished trial is evaluated at.")
 
 
 class ParamSpec(BaseModel):
@@ -139,6 +145,8 @@ def load_space(path: str | Path, base: TrainConfig, overrides: list[str] = ()) -
         sweep = SweepConfig.model_validate(sweep_tree)
     except ValidationError as e:
         raise ConfigError(f"{where}: sweep.{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    if sweep.rank == "posthoc" and base.ema.mode != "posthoc":
+        raise ConfigError(f"{where}: sweep.rank=posthoc needs trials that track post-hoc EMAs: --set ema.mode=posthoc")
     merged = {**(raw.get("all") or {}), **(raw.get(base.objective.name) or {})}
     if not merged:
         raise ConfigError(f"{where}: no params for objective {base.objective.name} (sections: {sorted(raw)})")

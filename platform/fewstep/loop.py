@@ -27,12 +27,12 @@ from fewstep.config import TrainConfig
 from fewstep.console import say, timing
 from fewstep.data.stream import TrainStream
 from fewstep.distributed import enable_activation_checkpointing
+from fewstep.ema import PosthocEMA, build_ema
 from fewstep.evaluation import TrainingFID
 from fewstep.faults import DebugHooks, DivergenceGuard
 from fewstep.generator import Generator
 from fewstep.images import DISPLAY_CELL, grid
 from fewstep.objectives import build_model, build_objective
-from fewstep.optim import ema_update
 from fewstep.tracking import last_logged_step, mark_diverged
 from fewstep.train_step import train_step
 
@@ -149,7 +149,9 @@ class Checkpointer:
         cuda = d / f"cuda_rng_rank{self.place.rank}.pt"
         if cuda.is_file() and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(torch.load(cuda, weights_only=True))
-        if self.ema is not None:
+        if isinstance(self.ema, PosthocEMA):
+            self.ema.restore(d)
+        elif self.ema is not None:
             self.ema.module.load_state_dict(load_file(str(d / "model" / "weights.safetensors")))
             self.ema.n_averaged.fill_(max(step, 1))
         self.saved = step
@@ -170,6 +172,8 @@ class Checkpointer:
                 torch.save(torch.cuda.get_rng_state_all(), d / f"cuda_rng_rank{self.place.rank}.pt")
             if self.ema is not None:
                 Generator(self.ema.module, self.cfg).save(d / "model")
+                if isinstance(self.ema, PosthocEMA):
+                    self.ema.save(d, step)
                 (d / STATE).write_text(json.dumps({"step": step, **metrics, "data": position}))
             self.place.report({"step": step, **metrics}, d)
 
@@ -214,7 +218,7 @@ def train_loop(cfg: TrainConfig, place: Place, inputs: Inputs) -> str:
         enable_activation_checkpointing(model)
     backend = build_backend(cfg, model.to(device), world)
     torch.manual_seed(cfg.seed * 1000 + rank)
-    ema = AveragedModel(build_model(cfg), multi_avg_fn=ema_update(cfg.ema.decay)).to(device) if rank == 0 else None
+    ema = build_ema(cfg, device, place.scratch) if rank == 0 else None
     accum = backend.gradient_accumulation_steps()
 
     # 2. the parts, and the restore

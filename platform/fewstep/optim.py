@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -34,9 +34,40 @@ class EMAConfig(BaseModel):
     """Evaluation EMA of the student weights; never the teacher [iCT]."""
 
     model_config = ConfigDict(extra="forbid")
-    decay: float = Field(
-        0.99993, ge=0, lt=1, description="Per-step decay; half-life = ln(0.5)/ln(decay) steps (iCT CIFAR-10)."
+    mode: Literal["classic", "posthoc"] = Field(
+        "classic",
+        description="classic: one EMA of decay ema.decay. posthoc: power-function EMAs of the lengths "
+        "ema.sigma_rels, saved as snapshots in every checkpoint, from which pipelines.posthoc_ema reconstructs "
+        "any EMA length after training [EDM2 sec. 3]; the exported model is the first of ema.sigma_rels.",
     )
+    decay: float = Field(
+        0.99993, ge=0, lt=1, description="Per-step decay; half-life = ln(0.5)/ln(decay) steps (iCT CIFAR-10). "
+        "ema.mode=classic only.",
+    )
+    sigma_rels: list[float] = Field(
+        default_factory=lambda: [0.05, 0.10], min_length=1,
+        description="ema.mode=posthoc: the tracked EMA lengths (the profile's standard deviation over the "
+        "training time, each in (0, 0.288]) [EDM2 sec. 3.1]; the first is the exported model's.",
+    )
+    snapshot_every: int | None = Field(
+        None, ge=1, description="ema.mode=posthoc: save the tracked EMAs every N optimizer steps (and at the "
+        "end); None = every total_steps // 16 steps (at least 1).",
+    )
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _valid_lengths(cls, v: list[float]) -> list[float]:
+        from fewstep.posthoc_ema import MAX_SIGMA_REL
+
+        bad = [s for s in v if not 0 < s <= MAX_SIGMA_REL]
+        if bad:
+            raise ValueError(f"ema.sigma_rels must lie in (0, {MAX_SIGMA_REL:.4f}] (gamma >= 0), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"ema.sigma_rels has duplicates: {v}")
+        return v
+
+    def snapshot_interval(self, total_steps: int) -> int:
+        return self.snapshot_every or max(1, total_steps // 16)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

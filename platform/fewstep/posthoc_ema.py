@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 DEFAULT_SIGMA_RELS: tuple[float, ...] = (0.05, 0.10)
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # the uniform average (gamma = 0)
 
 
 # EDM2 App. C.2, eq. 123: relative standard deviation of p(tau) ∝ tau^gamma on [0, t].
@@ -37,7 +38,7 @@ def sigma_rel_from_gamma(gamma: float) -> float:
 # g^3 + 7 g^2 + (16 - sigma_rel^-2) g + (12 - sigma_rel^-2) = 0; gamma is its largest real root.
 def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """The exponent gamma of the power-function profile whose relative standard deviation is sigma_rel."""
-    if not 0 < sigma_rel <= math.sqrt(1 / 12):  # gamma >= 0 (sigma_rel of gamma = 0 is sqrt(1/12))
+    if not 0 < sigma_rel <= MAX_SIGMA_REL:  # gamma >= 0
         raise ValueError(f"sigma_rel must be in (0, sqrt(1/12)], got {sigma_rel}")
     s = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
@@ -132,9 +133,13 @@ class PowerFunctionEMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         """Fold in the parameters after optimizer step `step` (counted from 1, increasing)."""
+        self.update_tensors(dict(module.named_parameters()), step)
+
+    @torch.no_grad()
+    def update_tensors(self, params: dict[str, torch.Tensor], step: int) -> None:
+        """`update` from the parameters by name (e.g. the fp32 masters a backend hands over)."""
         if step <= self.step:
             raise ValueError(f"step must increase: got {step} after {self.step}")
-        params = dict(module.named_parameters())
         # Updates every k steps: theta is taken constant over (t - k, t], so beta = (1 - k / t)^(gamma + 1).
         dt = step - self.step
         for gamma, ema in zip(self.gammas, self.emas, strict=True):

@@ -6,7 +6,9 @@ pipelines.train` (fewstep.engine.fit) and calls fit(). Metrics reach Tune throug
 fid_steps_<k>) becomes a Tune result, plus `fid_best` = min over k, on which ASHA and Optuna decide; the final
 result is reported by run_trial after the model is logged. Each trial
 logs to its own MLflow child run of the sweep's parent run and logs its model there (registered only if it
-wins a budget, by the driver, tune/publish.py). Names are deterministic (sweep name + Tune trial id), so a
+wins a budget, by the driver, tune/publish.py). With `sweep.rank=posthoc`, a finished trial also reconstructs its
+post-hoc EMAs (fewstep.posthoc_select), logs the best one per step count as models of its run, and reports their
+FIDs as its final result. Names are deterministic (sweep name + Tune trial id), so a
 restored sweep's trials resume their Ray Train run from its last checkpoint and continue the same MLflow run.
 This module runs in Ray actors: it imports only fewstep.
 """
@@ -30,6 +32,7 @@ FID_PREFIX = "fid_steps_"
 SWEEP_TAG = "fewstep.sweep"
 TRIAL_TAG = "fewstep.trial"
 MODEL_TAG = "fewstep.model_logged"
+POSTHOC_TAG = "fewstep.posthoc_logged"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests child runs under it
 
 
@@ -80,7 +83,8 @@ def trial_config(tree: dict[str, Any], max_steps: int, source: str) -> TrainConf
 
 
 def run_trial(
-    config: dict[str, Any], *, base_tree: dict, scale: dict, sweep: str, parent_run_id: str, max_steps: int
+    config: dict[str, Any], *, base_tree: dict, scale: dict, sweep: str, parent_run_id: str, max_steps: int,
+    rank: str = "final", posthoc_sigma_rels: list[float] = (),
 ) -> None:
     """Tune's function trainable: config = this trial's draw {dotted.key: value}. The same driver path as
     `pipelines.train` (fewstep.engine.run); a trial that diverges or fails is reported to Tune with its status and
@@ -117,4 +121,33 @@ def run_trial(
                 update={"tracking": cfg.tracking.model_copy(update={"registered_model": None})})
             log_and_register(result.run_id, model_dir, unregistered, uri)  # registered only if it wins a budget
         client.set_tag(result.run_id, MODEL_TAG, "true")
-    tune.report({**with_fid_best(result.metrics), "status": "finished"})  # the final result, after the model is safe
+    final = with_fid_best(result.metrics)
+    if rank == "posthoc":
+        final = {**result.metrics, **posthoc_result(client, result, cfg, list(posthoc_sigma_rels))}
+    tune.report({**final, "status": "finished"})  # the final result, after the model is safe
+
+
+def posthoc_result(client: MlflowClient, result, cfg: TrainConfig, sigma_rels: list[float]) -> dict[str, float]:
+    """sweep.rank=posthoc: the trial's best post-hoc EMA per step count (evaluated and logged once per run),
+    as posthoc_fid_steps_<k>, posthoc_sigma_rel_steps_<k> and fid_best, the lowest of those FIDs."""
+    import torch
+
+    from fewstep import posthoc_select as ph
+    from fewstep.ema import checkpoint_snapshots
+
+    if not client.get_run(result.run_id).data.tags.get(POSTHOC_TAG):  # else: a restored trial that had finished
+        e = cfg.eval
+        snapshots = checkpoint_snapshots(result.checkpoint)
+        device = "cuda" if cfg.engine.use_gpu and torch.cuda.is_available() else "cpu"
+        rows = ph.evaluate_grid(result.checkpoint, cfg, sigma_rels, e.fid_steps or e.steps, e.fid_n, e.fid_n_ref,
+                                device=device, snapshots=snapshots)
+        best = ph.best_per_steps(rows)
+        with tempfile.TemporaryDirectory() as d:
+            ph.log_results(client, result.run_id, rows, best, cfg.ema.sigma_rels, Path(d))
+        ph.log_models(result.run_id, result.checkpoint, cfg, cfg.tracking.uri, {r.sigma_rel for r in best.values()},
+                      snapshots)
+        client.set_tag(result.run_id, POSTHOC_TAG, "true")
+    m = client.get_run(result.run_id).data.metrics
+    out = {k: v for k, v in m.items() if k.startswith(("posthoc_fid_steps_", "posthoc_sigma_rel_steps_"))}
+    fids = [v for k, v in out.items() if k.startswith("posthoc_fid_steps_")]
+    return {**out, "fid_best": min(fids) if fids else math.inf}

@@ -151,14 +151,16 @@ def requirements(cfg: TrainConfig | None = None) -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
-def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -> tuple[str | None, str | None]:
-    """Log the EMA generator as a pyfunc model from code; register it and point the alias at it."""
+def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str, name: str = "model",
+                     alias: str | None = "") -> tuple[str | None, str | None]:
+    """Log the EMA generator as a pyfunc model from code (`name`: the logged model's name in the run); register
+    it and point the alias at it ("" = tracking.alias, None = set no alias)."""
     mlflow.set_tracking_uri(uri)
-    name = cfg.tracking.registered_model
+    model_name, name = name, cfg.tracking.registered_model
     caps = build_objective(cfg).capabilities
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=model_name,
             python_model=str(SERVING_CODE),
             artifacts={"model": str(model_dir)},
             code_paths=[str(PACKAGE_DIR)],
@@ -177,7 +179,8 @@ def log_and_register(run_id: str, model_dir: Path, cfg: TrainConfig, uri: str) -
         return None, None
     version_ = str(info.registered_model_version)
     client = MlflowClient(uri)
-    client.set_registered_model_alias(name, cfg.tracking.alias, version_)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias or cfg.tracking.alias, version_)
     from fewstep.lineage import PARENT_RUN_TAG, PARENT_TAG, TEACHER_TAG
 
     run_tags = client.get_run(run_id).data.tags

@@ -45,15 +45,16 @@ def train_step(
     if boundary:
         with backend.master_parameters() as params:
             if ema is not None:
-                ema.update_parameters(_Parameters(params, list(backend.module.buffers())))
+                ema.update_parameters(_Parameters(params, list(backend.module.buffers()), backend.global_steps))
     return StepOutcome(loss.item(), info, stepped=boundary)
 
 
 class _Parameters:
-    """Parameters (and the module's buffers) where AveragedModel.update_parameters expects a module."""
+    """Parameters (and the module's buffers) where AveragedModel.update_parameters expects a module; `step`: the
+    optimizer step they are the result of (the post-hoc EMA's time t)."""
 
-    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor]):
-        self.params, self._buffers = params, buffers
+    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor], step: int = 0):
+        self.params, self._buffers, self.step = params, buffers, step
 
     def parameters(self):
         return iter(self.params)
