@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, start_local_ray, worker_env
+from conftest import REPO, free_port, start_local_ray, worker_env
 from mlflow.tracking import MlflowClient
 from test_train_integration import tiny_config
 
@@ -39,7 +39,9 @@ def cluster():
     ray.shutdown()
     old_env = {k: os.environ.get(k) for k in worker_env()}
     os.environ.update(worker_env())  # node processes (and the workers they spawn) inherit it
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 1024**2})
+    # the head's dashboard (the state API below) on a port of its own: `make up` may hold 8265
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 1024**2,
+                                                     "dashboard_port": free_port()})
     # 3 CPUs a node: both training workers fit on either node (1 CPU each), plus a Ray Data budget
     nodes = [c.add_node(num_cpus=3, object_store_memory=200 * 1024**2) for _ in range(2)]
     ray.init(address=c.address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
