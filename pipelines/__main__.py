@@ -16,6 +16,7 @@ COMMANDS = {  # command -> (module with main(argv), what it does)
     "prepare-data": ("pipelines.prepare_data", "write WebDataset shards from Fashion-MNIST, an image folder, parquet"),
     "sweep": ("tune.sweep", "a Ray Tune sweep; registers the best model per step budget"),
     "bench": ("pipelines.bench.__main__", "benchmarks (`fewstep bench --help` lists them)"),
+    "posthoc-ema": ("pipelines.posthoc_ema", "the EMA length per step budget, from a run's post-hoc snapshots"),
 }
 
 

@@ -14,18 +14,21 @@ import os
 import sys
 from pathlib import Path
 
+from fewstep.cli import ArgumentParser, UserError, command, step_list
+
 
 def floats(text: str) -> list[float]:
     return [float(s) for s in text.split(",") if s.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # its thread races os.environ readers
-    p = argparse.ArgumentParser(prog="python -m pipelines.posthoc_ema", description=__doc__,
+    p = ArgumentParser(prog="python -m pipelines.posthoc_ema", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="MLflow run id or run name of an ema.mode=posthoc run")
     p.add_argument("--sigma-rel", default="0.02,0.05,0.1,0.2", help="comma-separated EMA lengths to reconstruct")
-    p.add_argument("--steps", default="1,2,4", help="comma-separated sampling step counts")
+    p.add_argument("--steps", default=[1, 2, 4], type=step_list, help="comma-separated sampling step counts")
     p.add_argument("--seeds", type=int, default=1, help="sampling seeds per FID (the mean is reported)")
     p.add_argument("--n", type=int, default=1000, help="generated images per FID")
     p.add_argument("--n-ref", type=int, default=2000, help="held-out images in the reference statistics")
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint directory; default: the run's latest in engine.storage_path")
     p.add_argument("--registered-model", help="registry name; default: the run's tracking.registered_model")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
+    p.add_argument("--num-workers", type=int, default=0, help="Ray actors for the FID; 0 = this process")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--output-dir", default="outputs", help="where the table and plot are written")
     args = p.parse_args(argv)
@@ -58,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("the run has no tracking.registered_model: pass --registered-model NAME")
         checkpoint = Path(args.checkpoint) if args.checkpoint else ph.latest_checkpoint(cfg, run_name)
         snapshots = checkpoint_snapshots(checkpoint)
-        steps = [int(s) for s in args.steps.split(",")]
+        steps = args.steps
         rows = ph.evaluate_grid(checkpoint, cfg, floats(args.sigma_rel), steps, args.n, args.n_ref, args.reference,
-                                args.seeds, args.device, snapshots)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                                args.seeds, args.device, snapshots, args.num_workers)
+    except ValueError as e:  # ConfigError is a UserError already
+        raise UserError(str(e)) from e
     best = ph.best_per_steps(rows)
     md = ph.log_results(client, run_id, rows, best, cfg.ema.sigma_rels, Path(args.output_dir) / run_name)
     aliases = ph.register_best(client, run_id, checkpoint, cfg, uri, best, name, snapshots)

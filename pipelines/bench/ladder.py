@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
     rows = {k: v for k, v in ROWS.items() if not args.rows or k in args.rows.split(",")}
     total_steps = max(1, args.images // args.batch)
     teacher_steps = max(1, round(total_steps * args.teacher_share))
-    features = fid.InceptionFeatures(threads=args.threads)
+    features = fid.InceptionFeatures(threads=args.threads, progress=True)
     reference = heldout_reference(f"{args.shards}/test", args.ref_n, 32, features)
     labels = balanced_labels(args.fid_n, 10)
     runs: list[dict] = []

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    features = fid.InceptionFeatures(threads=args.threads)
+    features = fid.InceptionFeatures(threads=args.threads, progress=True)
     reference = heldout_reference(f"{args.shards}/test", args.ref_n, 32, features)
     labels = balanced_labels(args.fid_n, 10)
     results: dict[str, dict] = {}

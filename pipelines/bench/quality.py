@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     model_dir = export_model(r.checkpoint, args.out / "model")
     gen = Generator.from_dir(model_dir)
     steps = [int(k) for k in args.steps.split(",")] if args.steps else cfg.eval.steps
-    features = InceptionFeatures(threads=args.threads)
+    features = InceptionFeatures(threads=args.threads, progress=True)
     reference = heldout_reference(cfg.data.test_shards, args.ref_n, cfg.data.image_size, features)
     labels = balanced_labels(args.fid_n, cfg.network.num_classes) if gen.conditional else None
     t = time.perf_counter()

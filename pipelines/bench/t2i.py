@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
     print(f"classifier: {args.epochs} epochs on the train split, test accuracy {test_acc:.3f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     reference = ref_stats(args.ref_n)
-    features = fid.InceptionFeatures(threads=args.threads)
+    features = fid.InceptionFeatures(threads=args.threads, progress=True)
     runs = [(f"teacher w={w} ({args.teacher_steps} steps)", args.teacher, args.teacher_steps, float(w))
             for w in args.guidance.split(",")]
     for s in args.student:

@@ -12,7 +12,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -20,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.config import ConfigError, TrainConfig, build_config
 from fewstep.ema import checkpoint_snapshots
-from fewstep.evaluation import balanced_labels, fid_per_steps, heldout_reference
-from fewstep.fid import InceptionFeatures
+from fewstep.evaluation import evaluate_generators
 from fewstep.generator import WEIGHTS, Generator
 from fewstep.objectives import build_model, build_objective
 from fewstep.posthoc_ema import Snapshot, reconstruct
@@ -92,20 +90,12 @@ def ema_generator(checkpoint: Path, cfg: TrainConfig, weights: dict[str, torch.T
     return Generator(model.to(device).eval(), cfg)
 
 
-def fid_scores(gen: Generator, steps: list[int], n: int, reference, features: InceptionFeatures,
-               seeds: int = 1) -> dict[int, float]:
-    """FID of `gen` at each step count: the mean over sampling seeds 0..seeds-1 of n class-balanced samples each.
-    The one place this module evaluates a model."""
-    labels = balanced_labels(n, gen.cfg.network.num_classes) if gen.conditional else None
-    per_seed = [fid_per_steps(lambda k, s=s: gen.generate(n, num_steps=k, seed=s, labels=labels), steps, reference,
-                              features) for s in range(seeds)]
-    return {k: float(np.mean([f[k] for f in per_seed])) for k in steps}
-
-
 def evaluate_grid(checkpoint: Path, cfg: TrainConfig, sigma_rels: list[float], steps: list[int], n: int, n_ref: int,
                   reference_shards: str | None = None, seeds: int = 1, device: str = "cpu",
-                  snapshots: list[Snapshot] | None = None) -> list[Row]:
-    """FID of every (EMA length x step count), each EMA reconstructed at the last snapshot's step."""
+                  snapshots: list[Snapshot] | None = None, num_workers: int = 0) -> list[Row]:
+    """FID of every (EMA length x step count), each EMA reconstructed at the last snapshot's step; the FID is the
+    mean over sampling seeds 0..seeds-1 (fewstep.evaluation.evaluate_generators: the same seeded samples whatever
+    `num_workers`, a progress bar with ETA)."""
     caps = build_objective(cfg).capabilities
     for k in steps:
         caps.steps.check(k, f"objective.name={cfg.objective.name}")
@@ -113,14 +103,10 @@ def evaluate_grid(checkpoint: Path, cfg: TrainConfig, sigma_rels: list[float], s
     if not shards:
         raise ConfigError("the run's config has no data.test_shards (the FID reference): pass --reference SHARDS")
     snapshots = snapshots if snapshots is not None else checkpoint_snapshots(checkpoint)
-    features = InceptionFeatures(device=device)
-    reference = heldout_reference(shards, n_ref, cfg.data.image_size, features)
-    rows = []
-    for sigma in sigma_rels:
-        weights, _ = reconstruct(snapshots, sigma)
-        gen = ema_generator(checkpoint, cfg, weights, device)
-        rows += [Row(sigma, k, v) for k, v in fid_scores(gen, steps, n, reference, features, seeds).items()]
-    return rows
+    gens = {sigma: ema_generator(checkpoint, cfg, reconstruct(snapshots, sigma)[0], device) for sigma in sigma_rels}
+    table = evaluate_generators({f"sigma_rel {sigma:g}": g for sigma, g in gens.items()}, steps, n, shards, n_ref,
+                                seeds, num_workers=num_workers, use_gpu=device != "cpu")
+    return [Row(sigma, k, table.by_model(f"sigma_rel {sigma:g}")[k].mean) for sigma in sigma_rels for k in steps]
 
 
 def best_per_steps(rows: list[Row]) -> dict[int, Row]:
