@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     import pandas as pd
 
     from fewstep import lineage, modelref
-    from fewstep.images import grid, save_png
+    from fewstep.images import DISPLAY_CELL, grid, save_png
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -83,7 +83,8 @@ def main(argv: list[str]) -> int:
             frame = pd.DataFrame({"prompt": [text] * args.n})
             blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
             slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
-            path = save_png(grid(np.concatenate(blocks), cols), out.with_name(f"{out.stem}-{slug}{out.suffix}"))
+            image = grid(np.concatenate(blocks), cols, cell=DISPLAY_CELL)
+            path = save_png(image, out.with_name(f"{out.stem}-{slug}{out.suffix}"))
             print(f"wrote {path} ({text!r}: {len(steps)} x {args.n} images; steps {','.join(map(str, steps))})")
         return 0
     if column == "class_label":
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
     frame = pd.DataFrame({column: labels.astype(np.int64)})
     blocks = [model.predict(frame, params={"num_steps": k, **params}) for k in steps]
     cols = math.ceil(math.sqrt(args.n)) if len(steps) == 1 else args.n
-    path = save_png(grid(np.concatenate(blocks), cols), args.out)
+    path = save_png(grid(np.concatenate(blocks), cols, cell=DISPLAY_CELL), args.out)
     print(f"wrote {path} ({len(steps)} x {args.n} images; steps {','.join(map(str, steps))})")
     return 0
 

@@ -118,4 +118,5 @@ def test_pyfunc_and_sample_cli_load_the_alias(registered, mlflow_server, tmp_pat
                           "--n", "4", "--out", str(tmp_path / "grid.png")], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 2 * 34 + 2)  # 2 rows (steps) x 4, 2 px padding
+    # 2 rows (steps) x 4, each 32x32 sample upscaled 4x (nearest) to a 128 px cell, 2 px padding
+    assert Image.open(tmp_path / "grid.png").size == (4 * 130 + 2, 2 * 130 + 2)
