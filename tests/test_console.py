@@ -51,6 +51,8 @@ def test_known_harmless_noise_is_filtered_and_the_rest_is_not():
         quiet_known_noise()
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning,
                       stacklevel=1)
+        warnings.warn("\x1b[1;33mAn input example was not provided when logging the model.\x1b[0m", UserWarning,
+                      stacklevel=1)  # MLflow's, coloured as MLflow prints it
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
 

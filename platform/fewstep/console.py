@@ -22,6 +22,8 @@ HARMLESS_LOGS: dict[str, tuple[str, ...]] = {
 # (category, message regex): warnings raised inside libraries, not by fewstep's calls
 HARMLESS_WARNINGS: list[tuple[type[Warning], str]] = [
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),  # DeepSpeed ZeRO's gathers
+    # MLflow, when a model is logged with a signature but no input example (fewstep logs the signature on purpose)
+    (UserWarning, r"(\x1b\[[0-9;]*m)?An input example was not provided"),
 ]
 
 
