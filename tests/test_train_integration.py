@@ -126,6 +126,8 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
     assert t.steps == 4
     fid = client.get_metric_history(t.run_id, "fid_steps_2")
     assert [m.step for m in fid] == [4] and math.isfinite(fid[0].value) and fid[0].value > 0
+    tags = client.get_run(t.run_id).data.tags  # the in-training FID names its reference
+    assert len(tags["fid_train_reference_sha256"]) == 64 and tags["fid_train_reference_n"] == "4"
     assert (shards / "fid_stats_4_32px.npz").is_file()
 
     # serving: any step count, sampler ddim (default) or addim, a clear error for anything else

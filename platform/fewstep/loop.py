@@ -123,6 +123,10 @@ class Evaluator:
                 self.mlflow.log_image(self.run_id, image, key=f"samples_{k}step", step=step)
         if self.fid is not None and (step % e.fid_every == 0 or last):
             scores = self.fid(gen)
+            if not self.last_fid:  # which reference these FIDs are measured against (compare only equal hashes)
+                ref = self.fid.reference
+                for key, value in (("fid_train_reference_sha256", ref.sha256), ("fid_train_reference_n", ref.n)):
+                    self.mlflow.set_tag(self.run_id, key, str(value))
             _log(self.mlflow, self.run_id, {f"fid_steps_{k}": v for k, v in scores.items()}, step)
             self.last_fid.update({f"fid_steps_{k}": v for k, v in scores.items()})
             say(f"step {step} FID ({e.fid_n} samples) " + " ".join(f"{k}:{v:.1f}" for k, v in scores.items()))
