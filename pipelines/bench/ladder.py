@@ -67,9 +67,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def config(preset: str, args: argparse.Namespace, steps: int, seed: int, init_from: str | None,
-           **objective) -> TrainConfig:
-    """The preset at `steps` optimizer steps of `--batch`, local backend, annealing/stages over the run."""
-    sets = {"optim.batch_size": args.batch, "optim.total_steps": steps, "optim.warmup_steps": min(50, steps // 4),
+           eval_steps: list[int] | None = None, **objective) -> TrainConfig:
+    """The preset at `steps` optimizer steps of `--batch`, local backend, annealing/stages over the run; the run's
+    sample grid at `eval_steps` (default: the preset's), the step counts the row's model samples."""
+    sets = {**({"eval.steps": eval_steps} if eval_steps else {}),
+            "optim.batch_size": args.batch, "optim.total_steps": steps, "optim.warmup_steps": min(50, steps // 4),
             "engine.backend": "local", "engine.num_workers": 1, "engine.threads_per_worker": args.threads,
             "eval.fid_every": 0, "eval.every": steps, "tracking.registered_model": None,
             "tracking.uri": f"sqlite:///{(args.out / 'mlflow.db').absolute()}",
@@ -134,7 +136,7 @@ def main(argv: list[str]) -> None:
             own = total_steps - teacher_steps if family else total_steps
             init = str(teachers[family][0]) if family else None
             extra = {"teacher": init} if preset == "fashion-mcd" else {}
-            cfg = config(preset, args, own, seed, init, **objective, **extra)
+            cfg = config(preset, args, own, seed, init, steps, **objective, **extra)
             slug = row.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
             t = time.perf_counter()
             gen, seconds, _ = train(cfg, f"{slug}-seed{seed}", args)
