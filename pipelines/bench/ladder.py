@@ -26,7 +26,7 @@ import torch
 from fewstep import fid
 from fewstep.config import TrainConfig, load_config
 from fewstep.engine import export_model, run
-from fewstep.evaluation import balanced_labels, heldout_reference
+from fewstep.evaluation import balanced_labels, fid_per_steps, heldout_reference
 from fewstep.generator import Generator
 from pipelines.presets import preset_path
 
@@ -110,8 +110,8 @@ def main(argv: list[str]) -> None:
               "runs": runs}
 
     def score(gen: Generator, steps: list[int], sampler: str | None = None) -> dict[int, float]:
-        return {k: fid.frechet_distance(*fid.stats(features(gen.generate(args.fid_n, k, 0, labels, sampler=sampler))),
-                                        *reference) for k in steps}
+        return fid_per_steps(lambda k: gen.generate(args.fid_n, k, 0, labels, sampler=sampler), steps, reference,
+                             features)
 
     def save(entry: dict) -> None:
         runs.append(entry)

@@ -28,7 +28,7 @@ import torch
 from fewstep import fid
 from fewstep.config import TrainConfig, load_config
 from fewstep.engine import export_model, run
-from fewstep.evaluation import balanced_labels, heldout_reference
+from fewstep.evaluation import balanced_labels, fid_per_steps, heldout_reference
 from fewstep.generator import Generator
 from fewstep.networks import count_parameters
 from fewstep.objectives import build_model
@@ -69,6 +69,8 @@ def config(preset: str, args: argparse.Namespace, **objective) -> TrainConfig:
     if preset != "fashion-diffusion":
         sets.append(f"objective.anneal_steps={max(1, args.steps // 2)}")
     sets += [f"objective.{k}={json.dumps(v)}" for k, v in objective.items()]
+    if "student_steps" in objective:  # the run's sample grid at the step count the student samples
+        sets.append(f"eval.steps=[{objective['student_steps']}]")
     return load_config(preset_path(preset), None, sets)
 
 
@@ -96,10 +98,9 @@ def main(argv: list[str]) -> None:
     def evaluate(name: str, model: torch.nn.Module, cfg: TrainConfig, info: dict, steps: list[int], **sample) -> None:
         gen = Generator(model, cfg)
         t = time.perf_counter()
-        scores = {k: fid.frechet_distance(*fid.stats(features(gen.generate(args.fid_n, k, 0, labels, **sample))),
-                                          *reference) for k in steps}
+        scores = fid_per_steps(lambda k: gen.generate(args.fid_n, k, 0, labels, **sample), steps, reference, features)
         results[name] = {**info, "fid": scores, "eval_s": time.perf_counter() - t}
-        (args.out / "results.json").write_text(json.dumps(record, indent=2))
+        (args.out / "results.json").write_text(json.dumps(record, indent=2, default=str))
         print(f"{name:28s} " + "  ".join(f"{k} steps: {v:7.1f}" for k, v in scores.items())
               + f"   ({info['train_s']:.0f} s train, {info['img_per_s']:.0f} img/s)", flush=True)
 
