@@ -98,8 +98,9 @@ def test_the_cluster_is_chosen_explicitly(monkeypatch):
         load_config(None, None, ["engine.ray_address=''"])
 
 
-def test_address_flag_sets_engine_ray_address(capsys):
+def test_address_flag_sets_engine_ray_address(shards, capsys):
     from pipelines.train import main
 
-    assert main(["--preset", "fashion-ict", "--address", "127.0.0.1:6379", "--dry-run"]) == 0
+    assert main(["--preset", "fashion-ict", "--address", "127.0.0.1:6379", "--dry-run",
+                 "--set", f"data.shards={shards}", "--set", f"data.test_shards={shards}"]) == 0
     assert "ray_address: 127.0.0.1:6379" in capsys.readouterr().out
