@@ -73,9 +73,11 @@ demo-ladder: install fashion-mnist data up
 
 # Classic vs post-hoc EMA from the same seed: fashion-ict trained with ema.mode=classic and with ema.mode=posthoc
 # (registered as fewstep-fashion-ict-classic / -posthoc), the classic model's FID, then the post-hoc EMA table
-# and @best-1step / @best-2step (docs/training.md#post-hoc-ema). POSTHOC_SET="--set optim.total_steps=20" shrinks it.
+# and @best-1step (docs/training.md#post-hoc-ema). POSTHOC_STEPS=1,2 adds 2-step sampling (and @best-2step);
+# POSTHOC_SET="--set optim.total_steps=20" shrinks the training.
 POSTHOC_SET ?=
-POSTHOC_FID ?= --n 1000 --n-ref 2000
+POSTHOC_FID ?= --n 1000 --n-ref 2000 --seeds 3
+POSTHOC_STEPS ?= 1
 POSTHOC_ARGS = --preset fashion-ict --set data.shards=$(DATA)/train --set data.test_shards=$(DATA)/test \
 	--set tracking.uri=http://127.0.0.1:5000 --output-dir $(CURDIR)/outputs $(POSTHOC_SET)
 
@@ -86,10 +88,10 @@ demo-posthoc: install fashion-mnist data up
 	  $(POSTHOC_ARGS) --run-name fashion-ict-posthoc --set tracking.registered_model=fewstep-fashion-ict-posthoc \
 	  --set ema.mode=posthoc
 	MLFLOW_TRACKING_URI=http://127.0.0.1:5000 $(BIN)/python -m pipelines.evaluate \
-	  --model models:/fewstep-fashion-ict-classic@champion --steps 1,2 $(POSTHOC_FID)
+	  --model models:/fewstep-fashion-ict-classic@champion --steps $(POSTHOC_STEPS) $(POSTHOC_FID)
 	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.posthoc_ema \
-	  --run fashion-ict-posthoc --tracking-uri http://127.0.0.1:5000 --sigma-rel 0.02,0.05,0.1,0.2 --steps 1,2 \
-	  --seeds 2 $(POSTHOC_FID) --output-dir $(CURDIR)/outputs
+	  --run fashion-ict-posthoc --tracking-uri http://127.0.0.1:5000 --sigma-rel 0.02,0.05,0.1,0.2 \
+	  --steps $(POSTHOC_STEPS) $(POSTHOC_FID) --output-dir $(CURDIR)/outputs
 
 # Text-to-image demo: varied-caption shards, a text diffusion teacher, its 4-step multistep CD student, grids per
 # prompt. Shrink it with e.g. T2I_SET="--set optim.total_steps=20" (applied to both trainings).

@@ -34,7 +34,8 @@ SIGMA_KEY = "posthoc_sigma_rel_steps_{k}"  # ... and the EMA length that reached
 class Row:
     sigma_rel: float
     steps: int
-    fid: float
+    fid: float  # the mean over the sampling seeds
+    std: float = 0.0  # their sample standard deviation (0 for one seed)
 
 
 def alias(k: int) -> str:
@@ -106,7 +107,8 @@ def evaluate_grid(checkpoint: Path, cfg: TrainConfig, sigma_rels: list[float], s
     gens = {sigma: ema_generator(checkpoint, cfg, reconstruct(snapshots, sigma)[0], device) for sigma in sigma_rels}
     table = evaluate_generators({f"sigma_rel {sigma:g}": g for sigma, g in gens.items()}, steps, n, shards, n_ref,
                                 seeds, num_workers=num_workers, use_gpu=device != "cpu")
-    return [Row(sigma, k, table.by_model(f"sigma_rel {sigma:g}")[k].mean) for sigma in sigma_rels for k in steps]
+    cell = {(sigma, k): table.by_model(f"sigma_rel {sigma:g}")[k] for sigma in sigma_rels for k in steps}
+    return [Row(sigma, k, cell[sigma, k].mean, cell[sigma, k].std) for sigma in sigma_rels for k in steps]
 
 
 def best_per_steps(rows: list[Row]) -> dict[int, Row]:
@@ -118,13 +120,17 @@ def best_per_steps(rows: list[Row]) -> dict[int, Row]:
     return best
 
 
+def cell_text(r: Row) -> str:
+    return f"{r.fid:.2f} ± {r.std:.2f}" if r.std else f"{r.fid:.2f}"
+
+
 def to_markdown(rows: list[Row], best: dict[int, Row]) -> str:
     steps = sorted({r.steps for r in rows})
-    by = {(r.sigma_rel, r.steps): r.fid for r in rows}
+    by = {(r.sigma_rel, r.steps): r for r in rows}
     lines = ["| sigma_rel | " + " | ".join(f"FID {k} step{'s' if k > 1 else ''}" for k in steps) + " |",
              "|---" * (len(steps) + 1) + "|"]
     for sigma in sorted({r.sigma_rel for r in rows}):
-        cells = [f"**{by[sigma, k]:.2f}**" if best.get(k) == Row(sigma, k, by[sigma, k]) else f"{by[sigma, k]:.2f}"
+        cells = [f"**{cell_text(by[sigma, k])}**" if best.get(k) == by[sigma, k] else cell_text(by[sigma, k])
                  for k in steps]
         lines.append(f"| {sigma:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -138,8 +144,9 @@ def plot(rows: list[Row], path: Path, tracked: list[float]) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k in sorted({r.steps for r in rows}):
-        pts = sorted((r.sigma_rel, r.fid) for r in rows if r.steps == k)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{k} step{'s' if k > 1 else ''}")
+        pts = sorted((r.sigma_rel, r.fid, r.std) for r in rows if r.steps == k)
+        x, y, err = zip(*pts, strict=True)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{k} step{'s' if k > 1 else ''}")
     for s in tracked:
         ax.axvline(s, color="grey", lw=0.6, ls=":")
     ax.set(xscale="log", xlabel="EMA length sigma_rel (dotted: tracked)", ylabel="FID", title="post-hoc EMA")
