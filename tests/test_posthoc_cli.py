@@ -80,6 +80,12 @@ def test_posthoc_cli_registers_best_ema_per_step_budget(mlflow_server, shards, t
     gen = Generator.from_dir(path)
     images = gen.generate(4, num_steps=1, labels=[0, 1, 2, 3])
     assert images.shape == (4, 32, 32, 1) and images.std() > 0
+    import mlflow  # ... and as the pyfunc model `mlflow models serve` loads (MLFLOW_TRACKING_URI: the server)
+    import pandas as pd
+
+    served_images = mlflow.pyfunc.load_model("models:/it-posthoc@best-1step").predict(
+        pd.DataFrame({"class_label": [0, 1, 2, 3]}), params={"num_steps": 1, "seed": 0})
+    assert served_images.shape == (4, 32, 32, 1) and served_images.std() > 0
 
     # what a sweep with sweep.rank=posthoc reads from a trial's run, and registers for a winning budget
     from tune.publish import register, trial_fid
