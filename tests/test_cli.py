@@ -48,6 +48,9 @@ TRAIN_ERRORS = {
                     ["data.shardz: unknown field", "did you mean data.shards?", "valid fields of data: shards, "]),
     "unknown preset": (["--preset", "fashion-itc"], ["unknown preset 'fashion-itc'", "did you mean fashion-ict?"]),
     "no data.shards": (["--dry-run", "--set", "data.shards="], ["data.shards: no training shards given"]),
+    "eval step count the model cannot sample": (
+        ["--preset", "fashion-mct", "--dry-run", "--set", "objective.student_steps=2", "--set", "eval.steps=[2,4]"],
+        ["eval.steps: num_steps=4 is not available", "it samples in 2 steps"]),
 }
 
 

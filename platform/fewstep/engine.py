@@ -194,9 +194,18 @@ class Preflight:
 def preflight(cfg: TrainConfig) -> Preflight:
     """Everything a run needs from the world, checked before an MLflow run or a Ray connection exists (and by
     `pipelines.train --dry-run`): the shards and test shards exist and are not empty, the MLflow server answers
-    within a few seconds, the teacher and init_from models resolve and fit the config. Errors name the field."""
+    within a few seconds, the teacher and init_from models resolve and fit the config, the model samples at every
+    eval step count. Errors name the field."""
     from fewstep.data.storage import absolute_spec, resolve_shards
+    from fewstep.objectives import capabilities
 
+    steps = capabilities(cfg).steps  # the sample grids and FIDs of the run, not found out at its first evaluation
+    for key, counts in (("eval.steps", cfg.eval.steps), ("eval.fid_steps", cfg.eval.fid_steps or [])):
+        for k in counts:
+            try:
+                steps.check(k, f"objective.name={cfg.objective.name}")
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
     # Workers resolve shards themselves (each rank streams its own); here the spec is made absolute and checked.
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
     for key, spec in (("data.shards", cfg.data.shards), ("data.test_shards", cfg.data.test_shards)):
