@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
-from fewstep.cli import ArgumentParser, command
+from fewstep.cli import ArgumentParser, add_address, address_override, command
 from fewstep.config import load_config, to_yaml
 from pipelines.presets import available, preset_path
 
@@ -19,16 +18,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preset", default="fashion-ict", help=f"one of: {', '.join(available())}")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", help="Ray cluster: local (a private one), auto (`ray start` on this machine), "
-                   "HOST:PORT; default: $RAY_ADDRESS, else local (engine.ray_address)")
+    add_address(p)
     p.add_argument("--run-name", help="reuse a name to resume that run (Ray Train storage + MLflow run)")
     p.add_argument("--output-dir", default="outputs", help="where the final sample grid is written")
     p.add_argument("--dry-run", action="store_true",
                    help="run the checks a run starts with (shards, MLflow, teacher / init_from), print the resolved "
                    "config and exit")
     args = p.parse_args(argv)
-    address = [f"engine.ray_address={json.dumps(args.address)}"] if args.address else []
-    cfg = load_config(preset_path(args.preset), args.config, args.overrides + address)
+    cfg = load_config(preset_path(args.preset), args.config, args.overrides + address_override(args))
     from fewstep.engine import preflight, train
 
     if args.dry_run:

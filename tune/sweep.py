@@ -10,12 +10,11 @@ Re-running a stopped sweep with the same name resumes it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
-from fewstep.cli import ArgumentParser, command
+from fewstep.cli import ArgumentParser, add_address, address_override, command
 from pipelines.presets import available
 
 
@@ -30,14 +29,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--name", help="sweep name (default: PRESET-SPACE); the same name resumes a stopped sweep")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--output-dir", default="outputs", help="where the Pareto table and plot are written")
-    p.add_argument("--address", help="Ray cluster: local (a private one), auto (`ray start` on this machine), "
-                   "HOST:PORT; default: $RAY_ADDRESS, else local (engine.ray_address)")
+    add_address(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from tune.runner import run_sweep
 
-    address = [f"engine.ray_address={json.dumps(args.address)}"] if args.address else []
-    s = run_sweep(args.preset, args.space, args.samples, args.overrides + address, args.name, args.output_dir)
+    overrides = args.overrides + address_override(args)
+    s = run_sweep(args.preset, args.space, args.samples, overrides, args.name, args.output_dir)
     print(f"Sweep {s.name}{' (restored)' if s.restored else ''}: parent run {s.parent_url}")
     print(s.published.markdown, end="")
     for alias, (version, row) in s.published.aliases.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import traceback
@@ -33,6 +34,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse calls this for every usage error
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def add_address(p: argparse.ArgumentParser) -> None:
+    """`--address`: which Ray cluster a run (or sweep) uses; `address_override` turns it into its config override."""
+    p.add_argument("--address", help="Ray cluster: local (a private one), auto (`ray start` on this machine), "
+                   "HOST:PORT; default: $RAY_ADDRESS, else local (engine.ray_address)")
+
+
+def address_override(args: argparse.Namespace) -> list[str]:
+    """[] or ["engine.ray_address=..."], appended after the user's --set (the flag wins)."""
+    return [f"engine.ray_address={json.dumps(args.address)}"] if args.address else []
 
 
 def step_list(text: str) -> list[int]:
