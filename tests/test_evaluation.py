@@ -64,6 +64,9 @@ def test_fid_rows_and_comparison_refuse_other_references(tmp_path, capsys):
     t = table("a" * 64)
     r = t.by_model("m")[1]
     assert (r.mean, r.min, r.summary()) == (51.0, 50.0, "51.00 ± 1.00")
+    long = "models:/fewstep-fashion-ict-classic@champion"  # printed whole, the columns aligned after it
+    lines = FIDTable([FIDRow(long, 1, [3.0]), FIDRow("m", 2, [4.0])], 100, [0], t.reference).format().splitlines()
+    assert lines[2].startswith(long + " ") and lines[2].index("3.00") == lines[3].index("4.00")
     a, b, c = t.save(tmp_path / "a.json"), table("b" * 64).save(tmp_path / "b.json"), tmp_path / "c.json"
     table("a" * 64, fids=((1, [45.0, 47.0, 46.0]),)).save(c)
     assert FIDTable.load(a).to_dict() == t.to_dict()

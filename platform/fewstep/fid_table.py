@@ -86,10 +86,11 @@ class FIDTable:
 
     def format(self) -> str:
         """A plain-text table: model, steps, mean ± std, min, the FID of every seed."""
+        w = max([len("model"), *(len(r.model) for r in self.rows)])  # names in full: they are the models' URIs
         lines = [f"FID: {self.protocol()}",
-                 f"{'model':<32} {'steps':>5} {'mean ± std':>16} {'min':>8}  per seed"]
+                 f"{'model':<{w}} {'steps':>5} {'mean ± std':>16} {'min':>8}  per seed"]
         for r in self.rows:
-            lines.append(f"{r.model[-32:]:<32} {r.steps:>5} {r.summary():>16} {r.min:>8.2f}  "
+            lines.append(f"{r.model:<{w}} {r.steps:>5} {r.summary():>16} {r.min:>8.2f}  "
                          + " ".join(f"{v:.2f}" for v in r.fid))
         return "\n".join(lines)
 
