@@ -148,9 +148,10 @@ def test_diffusion_teacher_then_multistep_cd_distils_its_registered_model(ray_cl
     # a student whose network differs cannot start from the teacher: refused before any run or worker exists
     cd = {"name": "multistep_cd", "teacher": "models:/it-fashion-diffusion@champion", "student_steps": 2,
           "n_start": 8, "n_end": 16, "anneal_steps": 4}
+    bad = tiny_config(shards, mlflow_server, tmp_path / "runs",
+                      **{"objective": cd, "network.channels": [8, 8], "eval.steps": [2]})
     with pytest.raises(ConfigError, match=r"objective.init_from='teacher' has another network: network.channels"):
-        train(tiny_config(shards, mlflow_server, tmp_path / "runs", **{"objective": cd, "network.channels": [8, 8]}),
-              run_name="it-mcd-bad")
+        train(bad, run_name="it-mcd-bad")
 
     # multistep CD; lr ~ 0 so that the exported student must still be the teacher it started from
     student_cfg = tiny_config(

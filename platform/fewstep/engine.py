@@ -205,7 +205,8 @@ def preflight(cfg: TrainConfig) -> Preflight:
             try:
                 steps.check(k, f"objective.name={cfg.objective.name}")
             except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from None
+                raise ConfigError(f"{key}: {e}: set it to counts the model samples, e.g. --set {key}=[{steps.lo}]"
+                                  ) from None
     # Workers resolve shards themselves (each rank streams its own); here the spec is made absolute and checked.
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": absolute_spec(cfg.data.shards)})})
     for key, spec in (("data.shards", cfg.data.shards), ("data.test_shards", cfg.data.test_shards)):

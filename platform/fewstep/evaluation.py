@@ -57,7 +57,11 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every: int = Field(1000, ge=1, description="Sample a grid from the EMA model every N steps (and at the end).")
     grid_size: int = Field(8, ge=1, description="Grid is grid_size x grid_size images.")
-    steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sampling step counts shown.")
+    steps: list[int] = Field(
+        default_factory=lambda: [1, 2],
+        description="Sampling step counts of the run's sample grids (and the default of eval.fid_steps and of the "
+                    "served num_steps); each must be one the objective samples, e.g. [S] for a multistep model "
+                    "(checked before the run starts).")
     fid_every: int = Field(
         0, ge=0,
         description="Rank 0 computes Inception FID of the EMA model every N steps (and at the end), logged as "
@@ -71,7 +75,7 @@ class EvalConfig(BaseModel):
     fid_n_ref: int = Field(
         1000, ge=2, description="Held-out images (data.test_shards) in the reference statistics, cached once."
     )
-    fid_steps: list[int] | None = Field(None, description="Step counts evaluated; None = eval.steps.")
+    fid_steps: list[int] | None = Field(None, description="Step counts of the in-training FID; None = eval.steps.")
     protocol: ProtocolConfig = Field(
         default_factory=ProtocolConfig, description="The full evaluation of the trained model (pipelines.evaluate)."
     )
