@@ -123,24 +123,26 @@ def main(argv: list[str]) -> None:
     print(f"budget: {args.images} training images per configuration (batch {args.batch}, {total_steps} steps; "
           f"teachers {teacher_steps} steps), {args.threads} threads; FID {args.fid_n} vs {args.ref_n} test images",
           flush=True)
+    # teachers of every seed first, then each row with every seed: a run cut short still has whole rows
+    teachers: dict[tuple[str, int], tuple[Path, float]] = {}
     for seed in seeds:
-        teachers: dict[str, tuple[Path, float]] = {}
         for family in dict.fromkeys(t for _, t, _, _ in rows.values() if t):
             preset, steps = TEACHERS[family]
             cfg = config(preset, args, teacher_steps, seed, None)
             gen, seconds, model_dir = train(cfg, f"{family}-seed{seed}", args)
-            teachers[family] = (model_dir, seconds)
+            teachers[family, seed] = (model_dir, seconds)
             save({"row": f"{family} teacher", "seed": seed, "fid": score(gen, steps), "seconds": seconds,
                   "images": teacher_steps * args.batch})
-        for row, (preset, family, objective, steps) in rows.items():
+    for row, (preset, family, objective, steps) in rows.items():
+        for seed in seeds:
             own = total_steps - teacher_steps if family else total_steps
-            init = str(teachers[family][0]) if family else None
+            init = str(teachers[family, seed][0]) if family else None
             extra = {"teacher": init} if preset == "fashion-mcd" else {}
             cfg = config(preset, args, own, seed, init, steps, **objective, **extra)
             slug = row.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
             t = time.perf_counter()
             gen, seconds, _ = train(cfg, f"{slug}-seed{seed}", args)
-            teacher_s = teachers[family][1] if family else 0.0
+            teacher_s = teachers[family, seed][1] if family else 0.0
             save({"row": row, "seed": seed, "fid": score(gen, steps), "train_s": time.perf_counter() - t,
                   "seconds": seconds + teacher_s, "images": own * args.batch
                   + (teacher_steps * args.batch if family else 0)})
