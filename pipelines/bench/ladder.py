@@ -6,7 +6,8 @@ Every configuration gets the same total budget of training images (`--images`), 
 a student that starts from a diffusion model trains on (1 - share) of the budget after a teacher that trained on
 `--teacher-share` of it (one teacher per family and seed, shared by its students and counted in each of them).
 Rows: iCT from scratch; ECT from `edm`; multistep CT (S = 2, 4) from scratch and from `diffusion`; multistep CD
-(S = 2, 4) of that `diffusion` model. Each row is trained with every seed; FID (`--fid-n` class-balanced EMA
+(S = 2, 4) of that `diffusion` model; CD S = 4 with DDIM teacher steps and with the teacher steps fixed at
+N = 256 instead of annealed. Each row is trained with every seed; FID (`--fid-n` class-balanced EMA
 samples vs the first `--ref-n` test images, padded like the training data) at 1, 2 and 4 steps where the model
 samples them; mean, spread (max - min) over seeds. Every run is `pipelines.train` with `engine.backend=local`
 (one process, `--threads` torch threads, the same loop as the distributed run) and is tracked in an MLflow store
@@ -41,6 +42,10 @@ ROWS: dict[str, tuple[str, str | None, dict, list[int]]] = {
     "MCM CT S=4 (from diffusion)": ("fashion-mct", "diffusion", {"student_steps": 4}, [4]),
     "MCM CD S=2": ("fashion-mcd", "diffusion", {"student_steps": 2}, [2]),
     "MCM CD S=4": ("fashion-mcd", "diffusion", {"student_steps": 4}, [4]),
+    # the teacher-step ablations of CD S=4 [MCM Tables 2, 4]: DDIM instead of aDDIM; N fixed at the preset's n_end
+    "MCM CD S=4 (DDIM teacher steps)": ("fashion-mcd", "diffusion", {"student_steps": 4, "teacher_sampler": "ddim"},
+                                        [4]),
+    "MCM CD S=4 (fixed N=256)": ("fashion-mcd", "diffusion", {"student_steps": 4, "n_start": 256}, [4]),
 }
 TEACHERS = {"edm": ("fashion-edm", [4, 16]), "diffusion": ("fashion-diffusion", [8, 32])}
 
